@@ -1,0 +1,43 @@
+"""Route mlx-lm's scaled_dot_product_attention to tq_mlx when the cache is ours.
+
+mlx-lm model files bind `scaled_dot_product_attention` by name at import.
+`install()` re-points the name in `mlx_lm.models.base`, which every model
+module imported later binds, and in every `mlx_lm.models.*` module already
+loaded.  Calls with any other cache go to mlx-lm's original function.
+`install()` runs on `import tq_mlx`; it is idempotent.
+"""
+
+import sys
+
+_ORIGINAL = None
+_PREFIX = "mlx_lm.models."
+
+
+def tq_scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
+    """Drop-in for mlx_lm.models.base.scaled_dot_product_attention."""
+    from .cache import TurboQuantKVCache
+
+    if isinstance(cache, TurboQuantKVCache):
+        from .dispatch import attention
+
+        return attention(cache, queries, scale, mask, sinks)
+    return _ORIGINAL(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
+
+
+def install():
+    """Patch mlx-lm's attention helper everywhere it is bound, now and for modules imported later."""
+    global _ORIGINAL
+    import mlx_lm.models.base as base
+
+    if _ORIGINAL is None:
+        _ORIGINAL = base.scaled_dot_product_attention
+    for name, mod in list(sys.modules.items()):
+        if (name.startswith(_PREFIX) and mod is not None
+                and getattr(mod, "scaled_dot_product_attention", None) is _ORIGINAL):
+            mod.scaled_dot_product_attention = tq_scaled_dot_product_attention
+
+
+def installed() -> bool:
+    import mlx_lm.models.base as base
+
+    return base.scaled_dot_product_attention is tq_scaled_dot_product_attention

@@ -1,0 +1,93 @@
+"""make_prompt_cache / load_prompt_cache for mlx-lm scripts.
+
+`make_prompt_cache(model, "k4v3")` starts from the model's own cache list
+(`model.make_cache()` where it exists) and replaces the plain full-attention
+`KVCache` layers, and the sliding-window `RotatingKVCache` layers unless
+`quantize_sliding=False`.  State-space and other layers are kept as they are.
+"""
+
+import inspect
+import sys
+
+from mlx_lm.models import cache as mlx_cache
+
+from .cache import CacheStateError, TurboQuantKVCache
+from .config import resolve_config
+
+_DIRECT_SDPA = "mx.fast.scaled_dot_product_attention("
+
+
+def _check_model(model):
+    """Refuse models whose attention bypasses mlx-lm's scaled_dot_product_attention helper."""
+    seen = set()
+    for m in [model, *(m for _, m in model.named_modules())]:
+        mod = sys.modules.get(type(m).__module__)
+        if mod is None or mod.__name__ in seen or not mod.__name__.startswith("mlx_lm.models."):
+            continue
+        seen.add(mod.__name__)
+        try:
+            src = inspect.getsource(mod)
+        except (OSError, TypeError):
+            continue
+        if _DIRECT_SDPA in src:
+            raise NotImplementedError(
+                f"{mod.__name__} calls mx.fast.scaled_dot_product_attention directly, bypassing "
+                "mlx-lm's attention helper, so TurboQuant caches cannot serve it (it would attend to "
+                "the newest tokens only). Use mlx-lm's own cache for this model."
+            )
+
+
+def make_prompt_cache(model, config=None, max_kv_size=None, **overrides):
+    """A cache list for `model`: TurboQuant layers where attention is plain KV or sliding-window.
+
+    config: preset name, "kXvY" or CacheConfig (default "k4v4"); overrides set CacheConfig fields
+    (fp_window, boundary_layers, quant_start, quantize_sliding, rotation, seed).
+    max_kv_size: like mlx-lm, a sliding window of that many tokens (keep=4) for models without make_cache.
+    """
+    cfg = resolve_config(config, **overrides)
+    _check_model(model)
+    from . import patch
+
+    patch.install()
+    base = mlx_cache.make_prompt_cache(model, max_kv_size=max_kv_size)
+    n, nb = len(base), cfg.boundary_layers
+    out = []
+    for i, c in enumerate(base):
+        if i < nb or i >= n - nb:
+            out.append(c)
+        elif type(c) is mlx_cache.KVCache:
+            out.append(TurboQuantKVCache(cfg, i))
+        elif type(c) is mlx_cache.RotatingKVCache and cfg.quantize_sliding:
+            out.append(TurboQuantKVCache(cfg, i, max_size=c.max_size, keep=c.keep))
+        else:
+            out.append(c)
+    return out
+
+
+def load_prompt_cache(path, model=None, config=None, return_metadata=False):
+    """mlx-lm's load_prompt_cache, checked: with `config` or `model`, a file from another config
+    or another model raises CacheStateError instead of producing wrong text."""
+    cache, meta = mlx_cache.load_prompt_cache(str(path), return_metadata=True)
+    if model is not None:
+        expect = make_prompt_cache(model, config or _first_config(cache))
+        if len(expect) != len(cache) or any(type(a) is not type(b) for a, b in zip(expect, cache)):
+            raise CacheStateError(
+                f"{path}: the cache has {len(cache)} layers of types "
+                f"{sorted({type(c).__name__ for c in cache})}, the model expects {len(expect)} of "
+                f"{sorted({type(c).__name__ for c in expect})}: it was saved for another model or config"
+            )
+    if config is not None:
+        want = resolve_config(config)
+        for c in cache:
+            if isinstance(c, TurboQuantKVCache) and c.config.to_json() != want.to_json():
+                raise CacheStateError(
+                    f"{path}: saved with KV config {c.config.name!r}, expected {want.name!r}"
+                )
+    return (cache, meta) if return_metadata else cache
+
+
+def _first_config(cache):
+    for c in cache:
+        if isinstance(c, TurboQuantKVCache):
+            return c.config
+    return None

@@ -1,0 +1,229 @@
+"""TurboQuant codecs on head-batched vectors x of shape (B, H, T, d).
+
+One `TurboQuant` covers TurboQuant_mse, TurboQuant_prod (QJL) and the
+fractional-bit outlier split.  The rotated domain is y = R x with R a
+HeadRotation; it is cut into segments (one for plain TurboQuant, two for the
+outlier split), each with its own norm and Lloyd-Max codebook for its size:
+
+    y_s ~ n_s * c_s[idx_s]            (mse, bits_s, or bits_s - 1 with QJL)
+        + a_s * g_s * S_s^T sign(S_s r_s)   (QJL, r_s = y_s - mse part, g_s = |r_s|)
+
+Encoded tensors are a dict of arrays whose leading dims are (B, H, T):
+`codes{s}` uint32 (.., words), `norm{s}` (..), and with QJL `signs{s}` uint32
+and `rnorm{s}` (..).  Attention works on the codes in the rotated domain via
+`scores` and `accumulate`; `decode` is for tests and benchmarks.
+"""
+
+import math
+
+import mlx.core as mx
+import numpy as np
+
+from . import codebook as cbk
+from .packing import pack, packed_words, unpack
+from .rotation import HeadRotation, derive_seed, rotation_matrix
+
+NORM_DTYPES = {"float16": mx.float16, "float32": mx.float32}
+QJL_KINDS = ("gaussian", "orthogonal")
+
+
+def check_input(x: mx.array, d: int, what: str = "input"):
+    """Reject a wrong trailing dim, a non-float dtype or non-finite values, with a clear message."""
+    if x.shape[-1] != d:
+        raise ValueError(f"{what} has trailing dimension {x.shape[-1]}, this codec was built for d={d}")
+    if not mx.issubdtype(x.dtype, mx.floating):
+        raise TypeError(f"{what} must be float16, bfloat16 or float32, got {x.dtype}")
+    bad = int((~mx.isfinite(x)).sum().item())
+    if bad:
+        raise ValueError(
+            f"{what} contains {bad} non-finite value(s) (NaN or inf); TurboQuant rejects them "
+            "rather than storing garbage codes. Nothing was encoded."
+        )
+
+
+def quantize_levels(u: mx.array, edges: mx.array, bits: int) -> mx.array:
+    """Index of the nearest level for u (..., n) given sorted decision edges (2**bits - 1,): uint32."""
+    if bits <= 4:
+        return (u[..., None] > edges).sum(axis=-1).astype(mx.uint32)
+    idx = mx.zeros(u.shape, dtype=mx.uint32)  # binary search over the sorted edges
+    for j in reversed(range(bits)):
+        cand = idx + (1 << j)
+        thr = mx.take(edges, (cand - 1).astype(mx.int32))
+        idx = mx.where(u > thr, cand, idx)
+    return idx
+
+
+def _sign_pm(words: mx.array, n: int) -> mx.array:
+    return unpack(words, 1, n).astype(mx.float32) * 2.0 - 1.0
+
+
+class Segment:
+    """One TurboQuant instance over `n` rotated coordinates: mse at `mse_bits` (0 = none) plus optional QJL."""
+
+    def __init__(self, n, bits, qjl, qjl_kind, qjl_seeds, norm_correction):
+        self.n, self.bits, self.qjl = n, bits, qjl
+        self.mse_bits = bits - 1 if qjl else bits
+        self.norm_correction = norm_correction
+        if self.mse_bits:
+            levels = cbk.codebook(n, self.mse_bits)
+            self.levels = mx.array(levels)
+            self.edges = mx.array(cbk.boundaries(levels))
+        if qjl:
+            if qjl_kind == "gaussian":
+                s = np.stack([np.random.default_rng(sd).standard_normal((n, n)) for sd in qjl_seeds])
+                self.S = mx.array(s.astype(np.float32))  # (H, n, n)
+                self.qjl_scale = math.sqrt(math.pi / 2) / n
+            else:
+                self.S = mx.array(np.stack([rotation_matrix(n, sd, "haar") for sd in qjl_seeds]))
+                self.qjl_scale = math.sqrt(math.pi / 2) / math.sqrt(n)
+
+    @property
+    def side_nbytes(self) -> int:
+        return self.S.nbytes if self.qjl else 0
+
+    def stored_bits(self, norm_bits: int) -> float:
+        """Bits per coordinate actually stored, norms included."""
+        words = packed_words(self.n, self.mse_bits) if self.mse_bits else 0
+        words += packed_words(self.n, 1) if self.qjl else 0
+        return (32 * words + norm_bits * (1 + self.qjl)) / self.n
+
+    def encode(self, y: mx.array, norm_dtype) -> dict:
+        norm = mx.linalg.norm(y, axis=-1)
+        u = y / mx.maximum(norm, 1e-30)[..., None]
+        out = {}
+        mse = mx.zeros_like(y)
+        if self.mse_bits:
+            idx = quantize_levels(u, self.edges, self.mse_bits)
+            c = self.levels[idx]
+            scale = norm
+            if self.norm_correction:
+                scale = norm / mx.maximum(mx.linalg.norm(c, axis=-1), 1e-30)
+            out["codes"] = pack(idx, self.mse_bits)
+            out["norm"] = scale.astype(norm_dtype)
+            mse = c * out["norm"].astype(mx.float32)[..., None]
+        if self.qjl:
+            r = y - mse
+            proj = r @ mx.swapaxes(self.S, -1, -2)  # S r, per head
+            out["signs"] = pack((proj >= 0).astype(mx.uint32), 1)
+            out["rnorm"] = mx.linalg.norm(r, axis=-1).astype(norm_dtype)
+        return out
+
+    def mse_values(self, enc: dict) -> mx.array:
+        """n_s * c[idx] for every stored vector: float32 (B, H, T, n)."""
+        c = self.levels[unpack(enc["codes"], self.mse_bits, self.n)]
+        return c * enc["norm"].astype(mx.float32)[..., None]
+
+    def decode(self, enc: dict) -> mx.array:
+        out = self.mse_values(enc) if self.mse_bits else 0.0
+        if self.qjl:
+            g = enc["rnorm"].astype(mx.float32)[..., None] * self.qjl_scale
+            out = out + g * (_sign_pm(enc["signs"], self.n) @ self.S)
+        return out
+
+    def scores(self, q: mx.array, enc: dict) -> mx.array:
+        """<q, y~> for q (B, H, M, n) against every stored vector: (B, H, M, T) float32."""
+        s = 0.0
+        if self.mse_bits:
+            c = self.levels[unpack(enc["codes"], self.mse_bits, self.n)]
+            s = (q @ mx.swapaxes(c, -1, -2)) * enc["norm"].astype(mx.float32)[..., None, :]
+        if self.qjl:
+            sq = q @ mx.swapaxes(self.S, -1, -2)
+            g = enc["rnorm"].astype(mx.float32)[..., None, :] * self.qjl_scale
+            s = s + (sq @ mx.swapaxes(_sign_pm(enc["signs"], self.n), -1, -2)) * g
+        return s
+
+    def accumulate(self, p: mx.array, enc: dict) -> mx.array:
+        """sum_t p_t y~_t for p (B, H, M, T): (B, H, M, n) float32."""
+        acc = 0.0
+        if self.mse_bits:
+            c = self.levels[unpack(enc["codes"], self.mse_bits, self.n)]
+            acc = (p * enc["norm"].astype(mx.float32)[..., None, :]) @ c
+        if self.qjl:
+            g = enc["rnorm"].astype(mx.float32)[..., None, :] * self.qjl_scale
+            acc = acc + ((p * g) @ _sign_pm(enc["signs"], self.n)) @ self.S
+        return acc
+
+
+class TurboQuant:
+    """TurboQuant for (B, H, T, d) vectors, one rotation per head.
+
+    bits: one int per segment; sizes: the segment sizes (sum d).  With `perm`
+    (int32 (H, d)) the first sizes[0] permuted channels form the first segment
+    (the outlier split); otherwise the segments cut the rotated vector.
+    """
+
+    def __init__(self, d, n_heads, bits, sizes=None, *, qjl=False, qjl_kind="orthogonal",
+                 norm_dtype="float16", norm_correction=True, rotation="auto", perm=None,
+                 seed=0, layer=0, part="k"):
+        sizes = [d] if sizes is None else list(sizes)
+        bits = [bits] if isinstance(bits, int) else list(bits)
+        if sum(sizes) != d or len(sizes) != len(bits):
+            raise ValueError(f"segment sizes {sizes} must sum to d={d} and match bits {bits}")
+        if norm_dtype not in NORM_DTYPES:
+            raise ValueError(f"norm_dtype {norm_dtype!r} unsupported; allowed: {list(NORM_DTYPES)}")
+        if qjl_kind not in QJL_KINDS:
+            raise ValueError(f"qjl_kind {qjl_kind!r} unsupported; allowed: {QJL_KINDS}")
+        for n, b in zip(sizes, bits):
+            cbk._check(n, b if not qjl or b > 1 else 1)
+        self.d, self.n_heads, self.bits, self.sizes = d, n_heads, bits, sizes
+        self.norm_dtype = NORM_DTYPES[norm_dtype]
+        seeds = [[derive_seed(seed, layer, h, part, s) for s in range(len(sizes))] for h in range(n_heads)]
+        blocks = sizes if perm is not None else [d]
+        self.rotation = HeadRotation(blocks, seeds, rotation, perm)
+        self.segments = [
+            Segment(n, b, qjl, qjl_kind, [derive_seed(seed, layer, h, part, 100 + i) for h in range(n_heads)],
+                    norm_correction)
+            for i, (n, b) in enumerate(zip(sizes, bits))
+        ]
+        self._cuts = np.cumsum(sizes)[:-1].tolist()
+
+    @property
+    def side_nbytes(self) -> int:
+        """Bytes of per-head constants held (rotation signs or matrices, QJL matrices)."""
+        return self.rotation.nbytes + sum(s.side_nbytes for s in self.segments)
+
+    @property
+    def bits_per_element(self) -> float:
+        nb = 16 if self.norm_dtype == mx.float16 else 32
+        return sum(s.stored_bits(nb) * s.n for s in self.segments) / self.d
+
+    def _split(self, y):
+        return [y] if len(self.segments) == 1 else mx.split(y, self._cuts, axis=-1)
+
+    def _join(self, parts):
+        return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
+
+    def encode(self, x: mx.array, what: str = "input") -> dict:
+        """Codes for x (B, H, T, d): a dict of arrays with leading dims (B, H, T)."""
+        check_input(x, self.d, what)
+        y = self.rotation.forward(x.astype(mx.float32))
+        enc = {}
+        for i, (seg, ys) in enumerate(zip(self.segments, self._split(y))):
+            enc.update({f"{k}{i}": v for k, v in seg.encode(ys, self.norm_dtype).items()})
+        return enc
+
+    def _enc(self, enc, i):
+        return {k[:-1]: v for k, v in enc.items() if k.endswith(str(i))}
+
+    def decode_rotated(self, enc: dict) -> mx.array:
+        return self._join([s.decode(self._enc(enc, i)) for i, s in enumerate(self.segments)])
+
+    def decode(self, enc: dict) -> mx.array:
+        """x~ (B, H, T, d) float32."""
+        return self.rotation.inverse(self.decode_rotated(enc))
+
+    def rotate_query(self, q: mx.array) -> mx.array:
+        """R q for q (B, H, M, d) (queries grouped per KV head)."""
+        return self.rotation.forward(q.astype(mx.float32))
+
+    def scores(self, q_rot: mx.array, enc: dict) -> mx.array:
+        """<R q, y~_t>: q_rot (B, H, M, d) -> (B, H, M, T) float32."""
+        parts = self._split(q_rot)
+        return sum(s.scores(qs, self._enc(enc, i)) for i, (s, qs) in enumerate(zip(self.segments, parts)))
+
+    def accumulate(self, p: mx.array, enc: dict) -> mx.array:
+        """sum_t p_t y~_t in the rotated domain: p (B, H, M, T) -> (B, H, M, d)."""
+        return self._join([s.accumulate(p, self._enc(enc, i)) for i, s in enumerate(self.segments)])
+
+    def unrotate(self, acc: mx.array) -> mx.array:
+        return self.rotation.inverse(acc)
