@@ -41,6 +41,7 @@ def reference_attention(cache, queries, scale, mask=None, sinks=None):
     _, H, _, dv = cache.shape
     G = Hq // H
     q = (queries.astype(mx.float32) * scale).reshape(B, H, G * L, dk)
+    cache.encode_pending(q)
     parts = cache.parts()
     scores = [ck.scores(ck.rotate_query(q), ek) for ck, _, ek, _ in parts]
     s = scores[0] if len(scores) == 1 else mx.concatenate(scores, axis=-1)

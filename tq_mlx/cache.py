@@ -42,19 +42,40 @@ class TurboQuantKVCache(_BaseCache):
         self.k_codec = self.v_codec = None
         self.codes = TokenStore()  # "k_*" and "v_*" encoded arrays
         self.fp = TokenStore()  # "k", "v" float16 recent tokens
+        self.sink = TokenStore()  # "k", "v" float16 first tokens (attention sinks)
         self.pending = False  # set by update, cleared by attention: catches models that bypass it
 
     # ---- storage -------------------------------------------------------
-    def _build_codecs(self, keys, values, calib=None):
+    def _build_codecs(self, keys, values, calib=None, queries=None):
         cfg, (_, h, dk, dv) = self.config, self.shape
         ck = {k[2:]: v for k, v in (calib or {}).items() if k.startswith("k_")}
         cv = {k[2:]: v for k, v in (calib or {}).items() if k.startswith("v_")}
-        self.k_codec = build_codec(cfg.keys, cfg, dk, h, self.layer, "k", keys, ck)
+        self.k_codec = build_codec(cfg.keys, cfg, dk, h, self.layer, "k", keys, ck, queries)
         self.v_codec = build_codec(cfg.values, cfg, dv, h, self.layer, "v", values, cv)
 
-    def _encode(self, keys, values):
+    def _needs_queries(self) -> bool:
+        """Key codecs calibrated on queries are built at the first attention call, not at update."""
+        spec = self.config.keys
+        return self.k_codec is None and spec.codec == "turboquant" and spec.query_weighting
+
+    def encode_pending(self, queries=None):
+        """Move tokens beyond the fp16 budget from the fp store into codes.
+
+        queries: (B, H, M, dk) grouped per KV head, used once to calibrate the key codec.
+        """
+        move = self.fp.length - self._fp_budget(self.size())
+        if move <= 0:
+            return
+        front = self.fp.take_front(move)
+        room = 0 if self.max_size is not None else self.config.fp_sink - self.sink.length
+        if room > 0:
+            self.sink.append({k: v[:, :, :room] for k, v in front.items()})
+            front = {k: v[:, :, room:] for k, v in front.items()}
+            if front["k"].shape[2] == 0:
+                return
+        keys, values = front["k"], front["v"]
         if self.k_codec is None:
-            self._build_codecs(keys, values)
+            self._build_codecs(keys, values, queries=queries)
         enc = {f"k_{n}": a for n, a in self.k_codec.encode(keys, "keys").items()}
         enc.update({f"v_{n}": a for n, a in self.v_codec.encode(values, "values").items()})
         self.codes.append(enc)
@@ -101,18 +122,19 @@ class TurboQuantKVCache(_BaseCache):
             held = self.size()
             self._drop_front(held + n - self.max_size if n == 1 else held - self.max_size + 1)
         self.fp.append({"k": keys.astype(mx.float16), "v": values.astype(mx.float16)})
-        move = self.fp.length - self._fp_budget(self.codes.length + self.fp.length)
-        if move > 0:
-            front = self.fp.take_front(move)
-            self._encode(front["k"], front["v"])
+        if not self._needs_queries():
+            self.encode_pending()
         self.offset += n
         self.pending = True
         return keys, values
 
     # ---- what attention reads -----------------------------------------
     def parts(self):
-        """(codec_k, codec_v, enc_k, enc_v) blocks in temporal order: codes first, then the fp16 window."""
+        """(codec_k, codec_v, enc_k, enc_v) blocks in temporal order: sinks, codes, then the fp16 window."""
         out = []
+        if self.sink.length:
+            view = self.sink.view()
+            out.append((FP16, FP16, {"x": view["k"]}, {"x": view["v"]}))
         if self.codes.length:
             view = self.codes.view()
             ek = {k[2:]: v for k, v in view.items() if k.startswith("k_")}
@@ -125,7 +147,7 @@ class TurboQuantKVCache(_BaseCache):
 
     # ---- mlx-lm protocol ----------------------------------------------
     def size(self) -> int:
-        return self.codes.length + self.fp.length
+        return self.sink.length + self.codes.length + self.fp.length
 
     def empty(self) -> bool:
         return self.size() == 0
@@ -137,7 +159,9 @@ class TurboQuantKVCache(_BaseCache):
         n = min(self.offset, n, self.size())
         from_fp = min(n, self.fp.length)
         self.fp.trim_back(from_fp)
-        self.codes.trim_back(n - from_fp)
+        from_codes = min(n - from_fp, self.codes.length)
+        self.codes.trim_back(from_codes)
+        self.sink.trim_back(n - from_fp - from_codes)
         self.offset -= n
         self.pending = False
         return n
@@ -161,7 +185,7 @@ class TurboQuantKVCache(_BaseCache):
         """Bytes really held: codes and norms (with capacity), the fp16 window, learnt side data and codec constants."""
         side = sum(getattr(c, "side_nbytes", 0) for c in (self.k_codec, self.v_codec) if c is not None)
         calib = sum(a.nbytes for a in self._calibration().values())
-        return self.codes.nbytes + self.fp.nbytes + side + calib
+        return self.sink.nbytes + self.codes.nbytes + self.fp.nbytes + side + calib
 
     def _calibration(self) -> dict:
         out = {}
@@ -174,11 +198,12 @@ class TurboQuantKVCache(_BaseCache):
         meta = {
             "version": STATE_VERSION, "config": json.loads(self.config.to_json()), "layer": self.layer,
             "offset": self.offset, "max_size": self.max_size, "keep": self.keep, "shape": self.shape,
-            "n_codes": self.codes.length, "n_fp": self.fp.length,
+            "n_codes": self.codes.length, "n_fp": self.fp.length, "n_sink": self.sink.length,
         }
         st = {"tq_meta": json.dumps(meta)}
         st.update({f"codes_{k}": v for k, v in self.codes.view().items()})
         st.update({f"fp_{k}": v for k, v in self.fp.view().items()})
+        st.update({f"sink_{k}": v for k, v in self.sink.view().items()})
         st.update({f"calib_{k}": v for k, v in self._calibration().items()})
         return st
 
@@ -200,18 +225,20 @@ class TurboQuantKVCache(_BaseCache):
         self._clear()
         self.shape = tuple(meta["shape"]) if meta["shape"] else None
         grab = lambda pre: {k[len(pre):]: v for k, v in st.items() if k.startswith(pre)}
-        codes, fp, calib = grab("codes_"), grab("fp_"), grab("calib_")
-        for name, store, n in (("codes", codes, meta["n_codes"]), ("fp16 window", fp, meta["n_fp"])):
+        codes, fp, sink, calib = grab("codes_"), grab("fp_"), grab("sink_"), grab("calib_")
+        for name, store, n in (("codes", codes, meta["n_codes"]), ("fp16 window", fp, meta["n_fp"]),
+                               ("fp16 sinks", sink, meta["n_sink"])):
             bad = [k for k, v in store.items() if not isinstance(v, mx.array) or v.ndim < 3 or v.shape[2] != n]
             if bad or (n and not store):
                 raise CacheStateError(f"corrupt cache state: {name} arrays {bad or 'missing'} do not hold {n} tokens")
         self.codes.load(codes)
         self.fp.load(fp)
+        self.sink.load(sink)
         if self.shape is not None and meta["n_codes"]:
             self._build_codecs(None, None, calib)
 
     def __deepcopy__(self, memo):
         new = TurboQuantKVCache.__new__(TurboQuantKVCache)
         new.__dict__.update(self.__dict__)
-        new.codes, new.fp = self.codes.copy(), self.fp.copy()
+        new.codes, new.fp, new.sink = self.codes.copy(), self.fp.copy(), self.sink.copy()
         return new

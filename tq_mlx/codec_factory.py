@@ -64,8 +64,25 @@ def outlier_channels(x: mx.array, n_hi: int) -> mx.array:
     return mx.argsort(-energy, axis=-1).astype(mx.int32)
 
 
+def query_weights(x: mx.array, q: mx.array, mean=None) -> mx.array:
+    """Channel weights w = (E q^2 / E k^2)^(1/4) per head, geometric mean 1: float32 (H, d).
+
+    x: keys (B, H, T, d); q: queries grouped per KV head (B, H, M, d).  With
+    k' = w k and q' = q / w the score error of isotropic quantization noise,
+    sum_i q_i^2 / w_i^2 * sum_i w_i^2 k_i^2, is minimal (Cauchy-Schwarz).
+    """
+    x = x.astype(mx.float32)
+    if mean is not None:
+        x = x - mean[:, None, :]
+    ek = mx.mean(x * x, axis=(0, 2))
+    eq = mx.mean(q.astype(mx.float32) ** 2, axis=(0, 2))
+    ratio = (eq + 1e-6 * mx.mean(eq, axis=-1, keepdims=True)) / (ek + 1e-6 * mx.mean(ek, axis=-1, keepdims=True))
+    w = mx.clip(ratio, 1e-4, 1e4) ** 0.25
+    return w / mx.exp(mx.mean(mx.log(w), axis=-1, keepdims=True))
+
+
 def build_codec(spec: CodecSpec, cfg: CacheConfig, d: int, n_heads: int, layer: int, part: str,
-                calib_x=None, calib_state=None):
+                calib_x=None, calib_state=None, calib_q=None):
     """The codec object for (layer, part)."""
     if spec.codec == "fp16":
         return FP16
@@ -77,19 +94,28 @@ def build_codec(spec: CodecSpec, cfg: CacheConfig, d: int, n_heads: int, layer: 
         if calib_state:
             codec.median = calib_state["median"]
         return codec
+    calib_state = calib_state or {}
+    mean = None
+    if spec.center:
+        mean = calib_state["mean"] if "mean" in calib_state else mx.mean(calib_x.astype(mx.float32), axis=(0, 2))
+    weight = calib_state.get("weight")
+    if weight is None and spec.query_weighting and calib_q is not None:
+        weight = query_weights(calib_x, calib_q, mean)
     common = dict(qjl=spec.qjl, qjl_kind=spec.qjl_kind, norm_dtype=spec.norm_dtype,
-                  norm_correction=spec.norm_correction, rotation=cfg.rotation,
+                  norm_correction=spec.norm_correction, rotation=cfg.rotation, mean=mean, weight=weight,
                   seed=cfg.seed, layer=layer, part=part)
     bits = float(spec.bits)
     if bits == int(bits):
         return TurboQuant(d, n_heads, int(bits), **common)
     sizes, seg_bits = split_sizes(bits, d)
-    perm = calib_state["perm"] if calib_state else outlier_channels(calib_x, sizes[0])
+    perm = calib_state["perm"] if "perm" in calib_state else outlier_channels(calib_x - (0 if mean is None else mean[:, None]), sizes[0])
     return TurboQuant(d, n_heads, seg_bits, sizes, perm=perm, **common)
 
 
 def calibration_state(codec) -> dict:
     """What a data-calibrated codec learnt (arrays), to store in the cache's state."""
     if isinstance(codec, TurboQuant):
-        return {} if codec.rotation.perm is None else {"perm": codec.rotation.perm}
+        out = {} if codec.rotation.perm is None else {"perm": codec.rotation.perm}
+        out = out if codec.mean is None else {**out, "mean": codec.mean}
+        return out if codec.weight is None else {**out, "weight": codec.weight}
     return {"median": codec.median} if getattr(codec, "median", None) is not None else {}

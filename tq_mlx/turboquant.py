@@ -75,7 +75,8 @@ class Segment:
                 self.qjl_scale = math.sqrt(math.pi / 2) / n
             else:
                 self.S = mx.array(np.stack([rotation_matrix(n, sd, "haar") for sd in qjl_seeds]))
-                self.qjl_scale = math.sqrt(math.pi / 2) / math.sqrt(n)
+                # rows uniform on the sphere: 1 / (n E|t|), exact at finite n (sqrt(pi/2)/sqrt(n) is its limit)
+                self.qjl_scale = math.sqrt(math.pi) * math.exp(math.lgamma((n + 1) / 2) - math.lgamma(n / 2)) / n
 
     @property
     def side_nbytes(self) -> int:
@@ -150,11 +151,17 @@ class TurboQuant:
     bits: one int per segment; sizes: the segment sizes (sum d).  With `perm`
     (int32 (H, d)) the first sizes[0] permuted channels form the first segment
     (the outlier split); otherwise the segments cut the rotated vector.
+    mean: optional float32 (H, d) subtracted before encoding and added back
+    exactly in scores/accumulate (attention weights sum to 1), so centring
+    changes no result except the quantization error.
+    weight: optional float32 (H, d) channel weights w: w * (x - mean) is
+    encoded and queries are divided by w, so <q, x> is unchanged while the
+    quantization noise is shaped away from the channels queries use most.
     """
 
     def __init__(self, d, n_heads, bits, sizes=None, *, qjl=False, qjl_kind="orthogonal",
                  norm_dtype="float16", norm_correction=True, rotation="auto", perm=None,
-                 seed=0, layer=0, part="k"):
+                 mean=None, weight=None, seed=0, layer=0, part="k"):
         sizes = [d] if sizes is None else list(sizes)
         bits = [bits] if isinstance(bits, int) else list(bits)
         if sum(sizes) != d or len(sizes) != len(bits):
@@ -176,11 +183,19 @@ class TurboQuant:
             for i, (n, b) in enumerate(zip(sizes, bits))
         ]
         self._cuts = np.cumsum(sizes)[:-1].tolist()
+        self.mean = None if mean is None else mx.array(mean).astype(mx.float32)
+        self.weight = None if weight is None else mx.array(weight).astype(mx.float32)
+        self._mean_rot = None
+        if mean is not None:
+            wm = self.mean if weight is None else self.mean * self.weight
+            self._mean_rot = self.rotation.forward(wm[None, :, None, :])
 
     @property
     def side_nbytes(self) -> int:
         """Bytes of per-head constants held (rotation signs or matrices, QJL matrices)."""
-        return self.rotation.nbytes + sum(s.side_nbytes for s in self.segments)
+        extra = 0 if self.mean is None else self.mean.nbytes + self._mean_rot.nbytes
+        extra += 0 if self.weight is None else self.weight.nbytes
+        return extra + self.rotation.nbytes + sum(s.side_nbytes for s in self.segments)
 
     @property
     def bits_per_element(self) -> float:
@@ -195,8 +210,15 @@ class TurboQuant:
 
     def encode(self, x: mx.array, what: str = "input") -> dict:
         """Codes for x (B, H, T, d): a dict of arrays with leading dims (B, H, T)."""
+        if x.ndim != 4 or x.shape[1] != self.n_heads:
+            raise ValueError(f"{what} must have shape (B, {self.n_heads}, T, {self.d}), got {tuple(x.shape)}")
         check_input(x, self.d, what)
-        y = self.rotation.forward(x.astype(mx.float32))
+        x = x.astype(mx.float32)
+        if self.mean is not None:
+            x = x - self.mean[:, None, :]
+        if self.weight is not None:
+            x = x * self.weight[:, None, :]
+        y = self.rotation.forward(x)
         enc = {}
         for i, (seg, ys) in enumerate(zip(self.segments, self._split(y))):
             enc.update({f"{k}{i}": v for k, v in seg.encode(ys, self.norm_dtype).items()})
@@ -206,24 +228,30 @@ class TurboQuant:
         return {k[:-1]: v for k, v in enc.items() if k.endswith(str(i))}
 
     def decode_rotated(self, enc: dict) -> mx.array:
-        return self._join([s.decode(self._enc(enc, i)) for i, s in enumerate(self.segments)])
+        y = self._join([s.decode(self._enc(enc, i)) for i, s in enumerate(self.segments)])
+        return y if self._mean_rot is None else y + self._mean_rot
 
     def decode(self, enc: dict) -> mx.array:
         """x~ (B, H, T, d) float32."""
-        return self.rotation.inverse(self.decode_rotated(enc))
+        return self.unrotate(self.decode_rotated(enc))
 
     def rotate_query(self, q: mx.array) -> mx.array:
-        """R q for q (B, H, M, d) (queries grouped per KV head)."""
-        return self.rotation.forward(q.astype(mx.float32))
+        """R (q / w) for q (B, H, M, d) (queries grouped per KV head)."""
+        q = q.astype(mx.float32)
+        return self.rotation.forward(q if self.weight is None else q / self.weight[:, None, :])
 
     def scores(self, q_rot: mx.array, enc: dict) -> mx.array:
         """<R q, y~_t>: q_rot (B, H, M, d) -> (B, H, M, T) float32."""
         parts = self._split(q_rot)
-        return sum(s.scores(qs, self._enc(enc, i)) for i, (s, qs) in enumerate(zip(self.segments, parts)))
+        s = sum(s.scores(qs, self._enc(enc, i)) for i, (s, qs) in enumerate(zip(self.segments, parts)))
+        return s if self._mean_rot is None else s + q_rot @ mx.swapaxes(self._mean_rot, -1, -2)
 
     def accumulate(self, p: mx.array, enc: dict) -> mx.array:
         """sum_t p_t y~_t in the rotated domain: p (B, H, M, T) -> (B, H, M, d)."""
-        return self._join([s.accumulate(p, self._enc(enc, i)) for i, s in enumerate(self.segments)])
+        acc = self._join([s.accumulate(p, self._enc(enc, i)) for i, s in enumerate(self.segments)])
+        return acc if self._mean_rot is None else acc + p.sum(axis=-1, keepdims=True) * self._mean_rot
 
     def unrotate(self, acc: mx.array) -> mx.array:
-        return self.rotation.inverse(acc)
+        """R^T acc / w: back to the original domain."""
+        x = self.rotation.inverse(acc)
+        return x if self.weight is None else x / self.weight[:, None, :]
