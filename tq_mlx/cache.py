@@ -63,7 +63,7 @@ class TurboQuantKVCache(_BaseCache):
 
         queries: (B, H, M, dk) grouped per KV head, used once to calibrate the key codec.
         """
-        move = self.fp.length - self._fp_budget(self.size())
+        move = self.fp.length - self._fp_budget(self._held())
         if move <= 0:
             return
         front = self.fp.take_front(move)
@@ -103,7 +103,7 @@ class TurboQuantKVCache(_BaseCache):
         """Sliding window: forget n tokens after the first `keep` (oldest first)."""
         if n <= 0:
             return
-        start, nc = min(self.keep, self.size()), self.codes.length
+        start, nc = min(self.keep, self._held()), self.codes.length
         from_codes = max(0, min(n, nc - start))
         self.codes.remove(start, from_codes)
         self.fp.remove(max(0, start - nc), n - from_codes)
@@ -119,7 +119,7 @@ class TurboQuantKVCache(_BaseCache):
         self._check(keys, values)
         n = keys.shape[2]
         if self.max_size is not None:
-            held = self.size()
+            held = self._held()
             self._drop_front(held + n - self.max_size if n == 1 else held - self.max_size + 1)
         self.fp.append({"k": keys.astype(mx.float16), "v": values.astype(mx.float16)})
         if not self._needs_queries():
@@ -146,17 +146,21 @@ class TurboQuantKVCache(_BaseCache):
         return out
 
     # ---- mlx-lm protocol ----------------------------------------------
-    def size(self) -> int:
+    def _held(self) -> int:
         return self.sink.length + self.codes.length + self.fp.length
 
+    def size(self) -> int:
+        """Tokens in context, as mlx-lm counts them (a sliding window reports at most max_size)."""
+        return self._held() if self.max_size is None else min(self.offset, self.max_size)
+
     def empty(self) -> bool:
-        return self.size() == 0
+        return self._held() == 0
 
     def is_trimmable(self) -> bool:
         return self.max_size is None or self.offset < self.max_size
 
     def trim(self, n: int) -> int:
-        n = min(self.offset, n, self.size())
+        n = min(self.offset, n, self._held())
         from_fp = min(n, self.fp.length)
         self.fp.trim_back(from_fp)
         from_codes = min(n - from_fp, self.codes.length)
@@ -168,24 +172,24 @@ class TurboQuantKVCache(_BaseCache):
 
     def make_mask(self, N: int, return_array: bool = False, window_size=None):
         if self.max_size is None:
-            return create_attention_mask(N, self.size(), return_array, window_size)
+            return create_attention_mask(N, self._held(), return_array, window_size)
         if N > 1:
             window_size = window_size or self.max_size
-            offset = min(self.max_size - 1, self.size())
+            offset = min(self.max_size - 1, self._held())
             if offset + N > window_size or return_array:
                 return create_causal_mask(N, offset, window_size=window_size)
             return "causal"
         if window_size is None or window_size >= self.max_size:
             return None
-        t = min(self.size() + 1, self.max_size)
+        t = min(self._held() + 1, self.max_size)
         return mx.arange(t) >= t - window_size
 
     @property
     def nbytes(self) -> int:
-        """Bytes really held: codes and norms (with capacity), the fp16 window, learnt side data and codec constants."""
+        """Bytes really held: codes and norms (with capacity), fp16 sinks and window, and the codecs'
+        per-head constants (rotation signs or matrices, learnt means, weights, channel orders)."""
         side = sum(getattr(c, "side_nbytes", 0) for c in (self.k_codec, self.v_codec) if c is not None)
-        calib = sum(a.nbytes for a in self._calibration().values())
-        return self.sink.nbytes + self.codes.nbytes + self.fp.nbytes + side + calib
+        return self.sink.nbytes + self.codes.nbytes + self.fp.nbytes + side
 
     def _calibration(self) -> dict:
         out = {}

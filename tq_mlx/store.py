@@ -32,7 +32,7 @@ class TokenStore:
             return
         n = next(iter(arrays.values())).shape[2]
         if self.length + n > self.capacity:
-            grow = (n + self.step - 1) // self.step * self.step
+            grow = (self.length + n + self.step - 1) // self.step * self.step - self.capacity
             for k, a in arrays.items():
                 new = mx.zeros((*a.shape[:2], grow, *a.shape[3:]), a.dtype)
                 old = self.buffers.get(k)

@@ -1,0 +1,209 @@
+"""TurboQuantKVCache on synthetic K/V: the mlx-lm cache protocol and the reference attention."""
+
+import copy
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models.cache import KVCache, RotatingKVCache
+
+import tq_mlx
+from tq_mlx import CacheStateError, TurboQuantKVCache
+from tq_mlx.patch import tq_scaled_dot_product_attention as sdpa
+
+
+def _kv(h, t, d, seed=0, dv=None):
+    k1, k2 = mx.random.split(mx.random.key(seed))
+    return mx.random.normal((1, h, t, d), key=k1), mx.random.normal((1, h, t, dv or d), key=k2)
+
+
+def _fill(cache, k, v, chunks=(0.6,)):
+    """Feed k/v in chunks, running attention after each so the cache behaves as inside a model."""
+    t = k.shape[2]
+    cuts = [0] + [int(c * t) for c in chunks] + [t]
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        cache.update_and_fetch(k[:, :, a:b], v[:, :, a:b])
+        q = mx.zeros((1, k.shape[1], b - a, k.shape[3]))
+        sdpa(q, None, None, cache, 1.0, "causal" if b - a > 1 else None)
+
+
+def _dequantized(cache):
+    """Every stored token decoded to the original domain: (B, H, T, dk), (B, H, T, dv)."""
+    ks, vs = [], []
+    for ck, cv, ek, ev in cache.parts():
+        ks.append(ck.unrotate(ck.decode_rotated(ek)) if hasattr(ck, "decode_rotated") else ck.decode(ek))
+        vs.append(cv.unrotate(cv.decode_rotated(ev)) if hasattr(cv, "decode_rotated") else cv.decode(ev))
+    return mx.concatenate(ks, axis=2), mx.concatenate(vs, axis=2)
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("gqa", [1, 3, 7])
+def test_decode_matches_dequantize_then_sdpa(d, gqa):
+    h, t = 2, 37
+    cache = TurboQuantKVCache("k4v3")
+    k, v = _kv(h, t, d)
+    _fill(cache, k, v)
+    q = mx.random.normal((1, h * gqa, 1, d), key=mx.random.key(5))
+    kd, vd = _dequantized(cache)
+    want = mx.fast.scaled_dot_product_attention(q, kd, vd, scale=d**-0.5, mask=None)
+    got = sdpa(q, None, None, cache, d**-0.5, None)
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("preset", ["k8v4", "2.5", "k4v4-qjl", "fp16"])
+def test_prefill_chunk_with_causal_mask_matches_dequantized(preset):
+    d, h, g = 64, 3, 3
+    cache = TurboQuantKVCache(preset)
+    k, v = _kv(h, 45, d)
+    _fill(cache, k[:, :, :29], v[:, :, :29])
+    cache.update_and_fetch(k[:, :, 29:], v[:, :, 29:])  # a 16-token chunk after 29 stored tokens
+    q = mx.random.normal((1, h * g, 16, d), key=mx.random.key(3))
+    got = sdpa(q, None, None, cache, 0.125, "causal")
+    kd, vd = _dequantized(cache)
+    want = mx.fast.scaled_dot_product_attention(q, kd, vd, scale=0.125, mask=mx.tril(mx.ones((16, 45)), k=29) > 0)
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=2e-5, rtol=1e-4)
+
+
+def test_high_bits_close_to_exact_attention():
+    d, h = 128, 2
+    cache = TurboQuantKVCache("k8v8")
+    k, v = _kv(h, 100, d)
+    _fill(cache, k, v)
+    q = mx.random.normal((1, h * 4, 1, d))
+    exact = mx.fast.scaled_dot_product_attention(q, k, v, scale=d**-0.5)
+    got = sdpa(q, None, None, cache, d**-0.5, None)
+    assert float(mx.abs(got - exact).max()) < 0.02
+
+
+def test_attention_sinks_join_the_softmax():
+    d, h = 64, 2
+    cache = TurboQuantKVCache("fp16")
+    k, v = _kv(h, 20, d)
+    _fill(cache, k, v)
+    q = mx.random.normal((1, 4, 1, d))
+    sinks = mx.array([0.5, -1.0, 2.0, 0.0])
+    want = mx.fast.scaled_dot_product_attention(q, k.astype(mx.float16).astype(mx.float32),
+                                                v.astype(mx.float16).astype(mx.float32),
+                                                scale=0.125, mask=None, sinks=sinks)
+    got = sdpa(q, None, None, cache, 0.125, None, sinks=sinks)
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-5)
+
+
+def test_sliding_window_fp16_matches_mlx_rotating_cache():
+    d, h, window = 64, 1, 16
+    ours, theirs = TurboQuantKVCache("fp16", max_size=window, keep=0), RotatingKVCache(window)
+    k, v = _kv(h, 40, d)
+    k, v = k.astype(mx.float16).astype(mx.float32), v.astype(mx.float16).astype(mx.float32)
+    pos = 0
+    for n in (10, 12, 1, 1, 9, 1, 1, 1, 4):
+        q = mx.random.normal((1, 2, n, d), key=mx.random.key(pos))
+        mask_t = theirs.make_mask(n, window_size=window)
+        mask_o = ours.make_mask(n, window_size=window)
+        kk, vv = theirs.update_and_fetch(k[:, :, pos:pos + n], v[:, :, pos:pos + n])
+        ours.update_and_fetch(k[:, :, pos:pos + n], v[:, :, pos:pos + n])
+        want = mx.fast.scaled_dot_product_attention(q, kk, vv, scale=0.125, mask=mask_t)
+        got = sdpa(q, None, None, ours, 0.125, mask_o)
+        np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-5, err_msg=f"at pos {pos}")
+        pos += n
+    assert ours.size() == theirs.size() and ours.offset == theirs.offset
+
+
+def test_trim_forgets_the_newest_tokens():
+    cache = TurboQuantKVCache("k4v4")
+    k, v = _kv(2, 30, 64)
+    _fill(cache, k, v)
+    assert cache.is_trimmable() and cache.trim(7) == 7
+    assert cache.offset == 23 and cache.size() == 23
+    fresh = TurboQuantKVCache("k4v4")
+    _fill(fresh, k[:, :, :23], v[:, :, :23], chunks=(18 / 23,))  # same first chunk of 18 tokens
+    q = mx.random.normal((1, 2, 1, 64))
+    np.testing.assert_array_equal(np.array(sdpa(q, None, None, cache, 0.1, None)),
+                                  np.array(sdpa(q, None, None, fresh, 0.1, None)))
+
+
+def test_state_round_trip_restores_identical_attention():
+    cache = TurboQuantKVCache("2.5", layer=3)
+    k, v = _kv(2, 40, 128)
+    _fill(cache, k, v)
+    clone = TurboQuantKVCache.from_state(cache.state)
+    q = mx.random.normal((1, 4, 1, 128))
+    np.testing.assert_array_equal(np.array(sdpa(q, None, None, cache, 0.1, None)),
+                                  np.array(sdpa(q, None, None, clone, 0.1, None)))
+    assert clone.offset == cache.offset and clone.config == cache.config
+
+
+def test_deepcopy_is_independent():
+    cache = TurboQuantKVCache("k4v4")
+    k, v = _kv(1, 20, 64)
+    _fill(cache, k, v)
+    twin = copy.deepcopy(cache)
+    more_k, more_v = _kv(1, 1, 64, seed=9)
+    cache.update_and_fetch(more_k, more_v)
+    assert twin.offset == 20 and cache.offset == 21 and twin.size() == 20
+
+
+def test_nbytes_counts_codes_not_fp():
+    d, h, t = 128, 4, 1024
+    cache = TurboQuantKVCache(tq_mlx.resolve_config("k4v4", fp_sink=0))
+    k, v = _kv(h, t, d)
+    _fill(cache, k, v)
+    fp16_bytes = 2 * h * t * d * 2
+    stored = sum(a.nbytes for a in cache.codes.view().values())
+    assert stored == 2 * h * t * (d * 4 // 8 + 2)  # 4-bit codes + an fp16 norm per vector, K and V
+    side = cache.k_codec.side_nbytes + cache.v_codec.side_nbytes
+    assert cache.fp.nbytes == 0 and cache.nbytes == cache.codes.nbytes + side  # capacity included
+    assert fp16_bytes / cache.nbytes > 3.5
+
+
+def test_no_bits_attribute_routes_mlx_lm_to_affine_path():
+    assert not hasattr(TurboQuantKVCache("k4v4"), "bits")
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(ValueError, match="k4v4.*hqmq-s96r4"):
+        TurboQuantKVCache("k5v9x")
+
+
+def test_unsupported_head_dim_is_a_clear_error():
+    cache = TurboQuantKVCache("k4v4")
+    k, v = _kv(1, 4, 8)
+    with pytest.raises(ValueError, match="d=8 is unsupported"):
+        _fill(cache, k, v)
+
+
+def test_nan_keys_are_rejected_and_nothing_is_stored():
+    cache = TurboQuantKVCache("k4v4")
+    k, v = _kv(1, 4, 64)
+    k[0, 0, 2, 5] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        cache.update_and_fetch(k, v)
+    assert cache.empty() and cache.offset == 0
+
+
+def test_corrupt_state_is_a_clear_error():
+    cache = TurboQuantKVCache("k4v4")
+    k, v = _kv(1, 10, 64)
+    _fill(cache, k, v)
+    st = cache.state
+    st["codes_k_codes0"] = st["codes_k_codes0"][:, :, :3]
+    with pytest.raises(CacheStateError, match="corrupt"):
+        TurboQuantKVCache.from_state(st)
+    with pytest.raises(CacheStateError, match="tq_meta"):
+        TurboQuantKVCache.from_state({"keys": mx.zeros(3)})
+
+
+def test_model_that_bypasses_the_helper_is_caught():
+    cache = TurboQuantKVCache("k4v4")
+    k, v = _kv(1, 4, 64)
+    cache.update_and_fetch(k, v)  # no attention through tq_mlx follows
+    with pytest.raises(RuntimeError, match="bypasses"):
+        cache.update_and_fetch(k, v)
+
+
+def test_mlx_lm_affine_cache_still_uses_the_original_path():
+    c = KVCache()
+    k, v = _kv(1, 5, 64)
+    kk, vv = c.update_and_fetch(k, v)
+    q = mx.random.normal((1, 2, 1, 64))
+    want = mx.fast.scaled_dot_product_attention(q, kk, vv, scale=0.125)
+    np.testing.assert_array_equal(np.array(sdpa(q, kk, vv, c, 0.125, None)), np.array(want))
