@@ -32,7 +32,7 @@ class TokenStore:
             return
         n = next(iter(arrays.values())).shape[2]
         if self.length + n > self.capacity:
-            grow = (self.length + n + self.step - 1) // self.step * self.step - self.capacity
+            grow = (self.length + n + self.step - 1) // self.step * self.step - self.length
             for k, a in arrays.items():
                 new = mx.zeros((*a.shape[:2], grow, *a.shape[3:]), a.dtype)
                 old = self.buffers.get(k)
