@@ -42,7 +42,8 @@ def make_prompt_cache(model, config=None, max_kv_size=None, **overrides):
 
     config: preset name, "kXvY" or CacheConfig (default "k4v4"); overrides set CacheConfig fields
     (fp_window, boundary_layers, quant_start, quantize_sliding, rotation, seed).
-    max_kv_size: like mlx-lm, a sliding window of that many tokens (keep=4) for models without make_cache.
+    max_kv_size: a sliding window of that many tokens (keep=4, as mlx-lm) for every full-attention
+        layer, also for models with their own make_cache (where mlx-lm ignores it).
     """
     cfg = resolve_config(config, **overrides)
     _check_model(model)
@@ -56,7 +57,7 @@ def make_prompt_cache(model, config=None, max_kv_size=None, **overrides):
         if i < nb or i >= n - nb:
             out.append(c)
         elif type(c) is mlx_cache.KVCache:
-            out.append(TurboQuantKVCache(cfg, i))
+            out.append(TurboQuantKVCache(cfg, i, max_size=max_kv_size, keep=4 if max_kv_size else 0))
         elif type(c) is mlx_cache.RotatingKVCache and cfg.quantize_sliding:
             out.append(TurboQuantKVCache(cfg, i, max_size=c.max_size, keep=c.keep))
         else:

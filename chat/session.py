@@ -1,0 +1,351 @@
+"""A chat conversation on one persistent TurboQuant prompt cache (no terminal I/O).
+
+The cache always holds exactly the tokens of `segments`, a list of (text, n_tokens):
+the template text prefilled for each turn, then each answer as generated (its
+tokens, including the end-of-turn token when the model emitted one).  A turn
+renders the whole conversation with the chat template, keeps the segments
+that are a prefix of that text, trims the cache back to them (usually nothing
+to trim) and prefills only the rest: the end of the last answer's turn, the
+new user message and the assistant header.
+
+An interrupted answer (`stop()`) is kept: its tokens stay in the cache and its
+text becomes the assistant message, so the next turn continues consistently.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List, Optional, Tuple
+
+import mlx.core as mx
+from mlx_lm import stream_generate
+from mlx_lm.models.cache import (KVCache, RotatingKVCache, can_trim_prompt_cache, save_prompt_cache,
+                                  trim_prompt_cache)
+from mlx_lm.sample_utils import make_sampler
+
+import tq_mlx
+
+SESSION_VERSION = 1
+POLICIES = ("stop", "drop-oldest")
+_FINGERPRINT = ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "vocab_size")
+
+
+class ContextFull(RuntimeError):
+    """The next turn does not fit in max_context (nothing was changed)."""
+
+
+class SessionFileError(ValueError):
+    """A session file that cannot be loaded into this session (nothing was changed)."""
+
+
+@dataclass
+class TurnStats:
+    prefill_tokens: int = 0
+    prefill_tps: float = 0.0
+    decode_tokens: int = 0
+    decode_tps: float = 0.0
+    finish: str = ""  # "stop", "length" or "interrupted"
+    dropped_turns: int = 0
+
+
+@dataclass
+class Plan:
+    """What a turn will do: the messages after it, the segments kept, the text and tokens to prefill."""
+
+    messages: List[dict]
+    kept: List[Tuple[str, int]]
+    text: str
+    ids: List[int]
+    dropped_turns: int = 0
+
+
+def fingerprint(model) -> dict:
+    """The model's architecture figures, to tell saved sessions of other models apart."""
+    args = vars(getattr(model, "args", None) or object())
+    return {k: args[k] for k in _FINGERPRINT if isinstance(args.get(k), (int, str))}
+
+
+def fp16_bytes(c) -> int:
+    """What an fp16 K/V cache layer would hold for the tokens this layer holds."""
+    if isinstance(c, tq_mlx.TurboQuantKVCache):
+        if c.shape is None:
+            return 0
+        b, h, dk, dv = c.shape
+        return 2 * b * h * c.size() * (dk + dv)
+    keys, values = getattr(c, "keys", None), getattr(c, "values", None)
+    if keys is None or values is None or not hasattr(c, "size"):
+        return c.nbytes
+    b, h, _, dk = keys.shape
+    return 2 * b * h * c.size() * (dk + values.shape[-1])
+
+
+def read_meta(path) -> dict:
+    """The session metadata of a file written by Session.save (mlx-lm stores it as "2.tq_chat")."""
+    _, raw = mx.load(str(path), return_metadata=True)
+    return json.loads(next(v for k, v in raw.items() if k.split(".")[-1] == "tq_chat"))
+
+
+def _offset(cache) -> Optional[int]:
+    return next((c.offset for c in cache if hasattr(c, "offset")), None)
+
+
+class Session:
+    """Messages, system prompt and the prompt cache that holds them."""
+
+    def __init__(self, model, tokenizer, kv=None, *, system_prompt=None, max_tokens=256, temp=0.0,
+                 top_p=1.0, seed=None, max_context=None, max_kv_size=None, kv_window=None,
+                 kv_boundary_layers=None, on_context_full="stop", model_name=None):
+        if on_context_full not in POLICIES:
+            raise ValueError(f"on_context_full must be one of {POLICIES}, got {on_context_full!r}")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
+        self.overrides = {k: v for k, v in (("fp_window", kv_window), ("boundary_layers", kv_boundary_layers))
+                          if v is not None}
+        self.config = tq_mlx.resolve_config(kv, **self.overrides)
+        self.max_kv_size, self.max_tokens, self.temp, self.top_p, self.seed = (
+            max_kv_size, max_tokens, temp, top_p, seed)
+        ctx = getattr(getattr(model, "args", None), "max_position_embeddings", None)
+        self.max_context = max_context or ctx or 8192
+        self.on_context_full = on_context_full
+        self.system = system_prompt or None
+        self.messages: List[dict] = []
+        self.segments: List[Tuple[str, int]] = []
+        self.cache = self._new_cache()
+        self.last = TurnStats()
+        self.stop_requested = False
+        self.turns = 0  # answers so far: with a seed, answer i is sampled after mx.random.seed(seed + i)
+
+    # ---- text and tokens ------------------------------------------------
+    def _new_cache(self):
+        cache = tq_mlx.make_prompt_cache(self.model, self.config, max_kv_size=self.max_kv_size)
+        if self.max_kv_size is None:
+            return cache
+        # mlx-lm ignores max_kv_size for models with make_cache (llama, gemma3, ...): make the
+        # full-attention layers sliding windows here, with mlx-lm's keep=4
+        n, keep = self.max_kv_size, 4
+        return [tq_mlx.TurboQuantKVCache(c.config, c.layer, max_size=n, keep=keep)
+                if isinstance(c, tq_mlx.TurboQuantKVCache) and c.max_size is None
+                else RotatingKVCache(max_size=n, keep=keep) if type(c) is KVCache else c for c in cache]
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens fed into the cache (its offset; a sliding window keeps at most max_kv_size of them)."""
+        return sum(n for _, n in self.segments)
+
+    def conversation(self, messages=None) -> List[dict]:
+        sys_msg = [{"role": "system", "content": self.system}] if self.system else []
+        return sys_msg + list(self.messages if messages is None else messages)
+
+    def render(self, messages, generation_prompt: bool) -> str:
+        if not messages:
+            return ""
+        return self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=generation_prompt, tokenize=False)
+
+    def _encode(self, text: str, first: bool) -> List[int]:
+        bos = self.tokenizer.bos_token
+        return self.tokenizer.encode(text, add_special_tokens=first and not (bos and text.startswith(bos)))
+
+    def _plan(self, target: str, need_prompt: bool):
+        """(kept segments, text to prefill, its token ids) for the cache to hold `target`."""
+        kept, pos = [], 0
+        for text, n in self.segments:
+            if not target.startswith(text, pos):
+                break
+            kept.append((text, n))
+            pos += len(text)
+        if need_prompt and pos == len(target) and kept:  # generation needs at least one new token
+            pos -= len(kept.pop()[0])
+        rest = target[pos:]
+        return kept, rest, (self._encode(rest, first=not kept) if rest else [])
+
+    def _trim_to(self, kept) -> List[Tuple[str, int]]:
+        """Trim the cache to the kept segments; a cache that cannot be trimmed (a full sliding window)
+        is replaced by an empty one. Returns the segments the cache now holds."""
+        drop = self.n_tokens - sum(n for _, n in kept)
+        if drop and can_trim_prompt_cache(self.cache) and trim_prompt_cache(self.cache, drop) == drop:
+            self.segments = list(kept)
+        elif drop:
+            self.cache, self.segments = self._new_cache(), []
+        return self.segments
+
+    def _prefill(self, text: str, ids: List[int], step: int = 512):
+        for i in range(0, len(ids), step):
+            self.model(mx.array(ids[i:i + step])[None], cache=self.cache)
+            mx.eval([c.state for c in self.cache])
+        self.segments.append((text, len(ids)))
+
+    def sync(self):
+        """Make the cache hold the templated conversation (re-encoding what differs)."""
+        target = self.render(self.conversation(), False)
+        self._trim_to(self._plan(target, False)[0])
+        _, rest, ids = self._plan(target, False)  # against what the cache now holds
+        if ids:
+            self._prefill(rest, ids)
+
+    # ---- turns ------------------------------------------------------------
+    def prepare(self, text: str) -> Plan:
+        """Plan a turn for the user message `text`; raises ContextFull (changing nothing) when it
+        does not fit and the policy is "stop" or dropping every earlier turn is not enough."""
+        messages, dropped = list(self.messages), 0
+        while True:
+            msgs = messages + [{"role": "user", "content": text}]
+            kept, rest, ids = self._plan(self.render(self.conversation(msgs), True), True)
+            held = sum(n for _, n in kept)
+            need = held + len(ids) + self.max_tokens
+            if need <= self.max_context:
+                return Plan(msgs, kept, rest, ids, dropped)
+            if self.on_context_full == "stop" or not messages:
+                why = (f"context full: this turn needs {need} tokens ({held} held + {len(ids)} new + "
+                       f"{self.max_tokens} for the answer), the limit is {self.max_context}.")
+                hint = (" Use /reset, a shorter message, a smaller --max-tokens, or --on-context-full drop-oldest."
+                        if messages else " Even without earlier turns it does not fit: shorten the message"
+                        " or lower --max-tokens.")
+                raise ContextFull(why + hint)
+            i = 1
+            while i < len(messages) and messages[i]["role"] != "user":
+                i += 1
+            del messages[:i]
+            dropped += 1
+
+    def stop(self):
+        """Ask the running answer to stop after its current token (safe from a signal handler)."""
+        self.stop_requested = True
+
+    def generate(self, plan: Plan) -> Iterator[str]:
+        """Run a planned turn, yielding the answer's text as it is generated."""
+        self.stop_requested = False
+        self.messages = plan.messages
+        if self._trim_to(plan.kept) != plan.kept:  # the cache was rebuilt: prefill everything
+            _, rest, ids = self._plan(self.render(self.conversation(), True), True)
+            plan = Plan(plan.messages, [], rest, ids, plan.dropped_turns)
+        self.segments.append((plan.text, len(plan.ids)))
+        if self.seed is not None:
+            mx.random.seed(self.seed + self.turns)
+        self.turns += 1
+        self.last = stats = TurnStats(prefill_tokens=len(plan.ids), dropped_turns=plan.dropped_turns)
+        responses = stream_generate(self.model, self.tokenizer, mx.array(plan.ids), max_tokens=self.max_tokens,
+                                    sampler=make_sampler(self.temp, self.top_p), prompt_cache=self.cache)
+        tokens, boundary = [], True  # boundary: not inside a model call, the cache holds whole tokens
+        try:
+            while not self.stop_requested:
+                boundary = False
+                r = next(responses, None)
+                boundary = True
+                if r is None:
+                    break
+                tokens.append(r.token)  # each response is one token, already in the cache
+                stats.prefill_tps, stats.decode_tps = r.prompt_tps, r.generation_tps
+                stats.finish = r.finish_reason or "interrupted"
+                if r.text:
+                    yield r.text
+        finally:
+            responses.close()
+            self._finish(tokens, stats, boundary)
+
+    def ask(self, text: str) -> Iterator[str]:
+        """prepare + generate."""
+        return self.generate(self.prepare(text))
+
+    def _finish(self, tokens, stats, clean: bool):
+        """Record the answer (possibly partial) and make sure the cache holds exactly the segments."""
+        stats.decode_tokens = len(tokens)
+        eos = bool(tokens) and tokens[-1] in self.tokenizer.eos_token_ids
+        answer = self.tokenizer.decode(tokens[:-1] if eos else tokens)
+        if tokens:
+            end = self.tokenizer.decode(tokens[-1:]) if eos else ""
+            self.segments.append((answer + end, len(tokens)))
+            self.messages.append({"role": "assistant", "content": answer})
+        else:  # nothing generated: undo the turn
+            self.segments.pop()
+            self.messages.pop()
+            stats.finish = "interrupted"
+        held = _offset(self.cache)
+        if clean and held is not None and held > self.n_tokens and can_trim_prompt_cache(self.cache):
+            trim_prompt_cache(self.cache, held - self.n_tokens)
+            held = _offset(self.cache)
+        if not clean or held not in (None, self.n_tokens):
+            self.cache, self.segments = self._new_cache(), []  # unknown state: re-encode at the next turn
+
+    # ---- commands -----------------------------------------------------------
+    def reset(self):
+        self.messages, self.segments, self.cache, self.turns = [], [], self._new_cache(), 0
+
+    def set_system(self, text: Optional[str]):
+        self.system = text or None
+        self.sync()
+
+    def set_kv(self, kv):
+        """Switch the KV preset ("k3v4", a preset name, ...) and re-encode the conversation."""
+        self.config = tq_mlx.resolve_config(kv, **self.overrides)
+        self.cache, self.segments = self._new_cache(), []
+        self.sync()
+
+    def stats(self) -> dict:
+        kv = sum(c.nbytes for c in self.cache)
+        fp16 = sum(fp16_bytes(c) for c in self.cache)
+        return {"tokens": self.n_tokens, "max_context": self.max_context, "kv": self.config.name,
+                "kv_bytes": kv, "fp16_bytes": fp16, "ratio": fp16 / kv if kv else 0.0,
+                "last": self.last, "peak_memory": mx.get_peak_memory()}
+
+    # ---- files --------------------------------------------------------------
+    def _meta(self) -> dict:
+        return {"version": SESSION_VERSION, "model": self.model_name, "fingerprint": fingerprint(self.model),
+                "kv": self.config.name, "config": json.loads(self.config.to_json()),
+                "max_kv_size": self.max_kv_size, "system": self.system, "messages": self.messages,
+                "segments": self.segments, "turns": self.turns}
+
+    def save(self, path) -> Path:
+        """Write messages, settings and the prompt cache to a .safetensors file; returns its path."""
+        path = Path(path).expanduser()
+        if path.suffix != ".safetensors":
+            path = path.with_name(path.name + ".safetensors")
+        save_prompt_cache(str(path), self.cache, {"tq_chat": json.dumps(self._meta())})
+        return path
+
+    def load(self, path) -> Path:
+        """Replace the session with a saved one; raises SessionFileError (changing nothing) for a
+        missing or foreign file, or one saved with another model, KV preset or --max-kv-size."""
+        path = Path(path).expanduser()
+        if not path.is_file() and path.with_name(path.name + ".safetensors").is_file():
+            path = path.with_name(path.name + ".safetensors")
+        if not path.is_file():
+            raise SessionFileError(f"{path}: no such file")
+        try:
+            meta = read_meta(path)
+        except Exception:
+            raise SessionFileError(f"{path}: not a tq-chat session file") from None
+        if meta.get("version") != SESSION_VERSION:
+            raise SessionFileError(f"{path}: session file version {meta.get('version')} is not supported")
+        if meta["fingerprint"] != fingerprint(self.model):
+            raise SessionFileError(f"{path}: saved with another model ({meta['model'] or 'unknown'}: "
+                                   f"{meta['fingerprint']}); this session runs {self.model_name or 'a model'} "
+                                   f"({fingerprint(self.model)})")
+        mine = json.loads(self.config.to_json())
+        if meta["config"] != mine:
+            diff = ", ".join(f"{k}: {meta['config'].get(k)} vs {mine.get(k)}" for k in sorted(mine)
+                             if k != "name" and meta["config"].get(k) != mine.get(k))
+            hint = f"switch with /kv {meta['kv']} first" if meta["kv"] != self.config.name else \
+                "start tq-chat with the same --kv-window / --kv-boundary-layers"
+            raise SessionFileError(f"{path}: saved with KV preset {meta['kv']!r}, this session uses "
+                                   f"{self.config.name!r} (saved vs current: {diff}); {hint}")
+        if meta["max_kv_size"] != self.max_kv_size:
+            raise SessionFileError(f"{path}: saved with --max-kv-size {meta['max_kv_size']}, this session "
+                                   f"uses {self.max_kv_size}")
+        try:
+            cache = tq_mlx.load_prompt_cache(path, config=self.config)
+        except (tq_mlx.CacheStateError, ValueError, KeyError) as e:
+            raise SessionFileError(f"{path}: {e}") from None
+        want = [type(c).__name__ for c in self._new_cache()]
+        if [type(c).__name__ for c in cache] != want:
+            raise SessionFileError(f"{path}: the saved cache's layers do not match this model and settings "
+                                   f"({len(cache)} layers saved, {len(want)} expected)")
+        segments = [(t, n) for t, n in meta["segments"]]
+        if _offset(cache) is not None and _offset(cache) != sum(n for _, n in segments):
+            raise SessionFileError(f"{path}: corrupt session: the cache holds {_offset(cache)} tokens, "
+                                   f"the messages {sum(n for _, n in segments)}")
+        self.cache, self.segments = cache, segments
+        self.system, self.messages, self.turns = meta["system"], meta["messages"], meta["turns"]
+        return path

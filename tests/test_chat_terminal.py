@@ -1,0 +1,118 @@
+"""tq-chat in a real terminal (pexpect): streaming, /stats, /save + /load, Ctrl-C, Ctrl-D."""
+
+import os
+import re
+import sys
+
+import pytest
+
+pexpect = pytest.importorskip("pexpect")
+
+pytestmark = [pytest.mark.model, pytest.mark.slow]
+
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
+PROMPT = ">> "
+Q1, Q2 = "What is the capital of France?", "And of Germany?"
+TIMEOUT = 120
+
+
+def spawn(tmp_path, *args):
+    env = dict(os.environ, TQ_MLX_CACHE=str(tmp_path / "cache"), TERM="dumb", PYTHONUNBUFFERED="1")
+    if os.path.exists(OPENBLAS) and "LD_PRELOAD" not in env:
+        env["LD_PRELOAD"] = OPENBLAS
+    child = pexpect.spawn(sys.executable, ["-m", "tq_mlx.chat.cli", *args], env=env, cwd=str(tmp_path),
+                          encoding="utf-8", timeout=TIMEOUT, dimensions=(50, 400))
+    child.expect("Loading smollm2-135m")
+    child.expect(PROMPT)
+    return child
+
+
+def ask(child, text) -> str:
+    """Send a line, return what was printed before the next prompt (without the echo)."""
+    child.sendline(text)
+    child.expect_exact(text)
+    child.expect(PROMPT)
+    return child.before.strip()
+
+
+def quit_(child):
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_streams_an_answer_with_the_default_model(tmp_path):
+    child = spawn(tmp_path, "--max-tokens", "10")
+    child.sendline(Q1)
+    child.expect_exact(Q1)
+    child.expect(r"\S")  # the first piece of the answer arrives before the whole answer
+    child.expect(PROMPT)
+    answer = (child.after + child.before).strip()
+    assert "Paris" in child.before
+    assert answer
+    quit_(child)
+
+
+def test_stats_figures_match_the_cache(tmp_path):
+    child = spawn(tmp_path, "--max-tokens", "6")
+    answer = ask(child, Q1)
+    stats = ask(child, "/stats")
+    quit_(child)
+    tokens = int(re.search(r"tokens in context: (\d+)", stats).group(1))
+    kv, fp16 = map(int, re.search(r"KV cache \(k4v4\): (\d+) bytes held; fp16 would hold (\d+) bytes", stats).groups())
+    prefill, decode = map(int, re.search(r"prefill (\d+) tokens at [\d.]+ tok/s, decode (\d+) tokens at", stats).groups())
+    assert re.search(r"peak memory: \d+\.\d+ GB", stats)
+
+    from tq_mlx.chat.session import Session
+    from tq_mlx.models import load
+
+    s = Session(*load(), max_tokens=6)
+    assert "".join(s.ask(Q1)).strip() == answer.splitlines()[0].strip()
+    ref = s.stats()
+    assert (tokens, kv, fp16) == (ref["tokens"], ref["kv_bytes"], ref["fp16_bytes"])
+    assert kv == sum(c.nbytes for c in s.cache)
+    layers, heads, d = len(s.cache), s.cache[1].shape[1], s.cache[1].shape[2]
+    assert fp16 == layers * 2 * heads * tokens * d * 2
+    assert prefill + decode == tokens
+
+
+def test_save_restart_load_continues_identically(tmp_path):
+    flags = ["--max-tokens", "5", "--temp", "0.8", "--seed", "11"]
+    child = spawn(tmp_path, *flags)
+    ask(child, Q1)
+    assert "saved" in ask(child, "/save session")
+    uninterrupted = ask(child, Q2)
+    quit_(child)
+
+    child = spawn(tmp_path, *flags)
+    assert "loaded 2 messages" in ask(child, "/load session")
+    resumed = ask(child, Q2)
+    quit_(child)
+    assert resumed and resumed == uninterrupted
+
+
+def test_ctrl_c_stops_an_answer_and_the_next_question_works(tmp_path):
+    child = spawn(tmp_path, "--max-tokens", "400")
+    child.sendline("Write a very long story about a dragon.")
+    child.expect_exact("dragon.")
+    child.expect(r"\w+\W+\w+")  # the answer is streaming
+    child.sendintr()
+    child.expect_exact("[interrupted]", timeout=30)
+    child.expect(PROMPT)
+    child.sendline("/stats")
+    child.expect(r"decode (\d+) tokens")
+    assert int(child.match.group(1)) < 400
+    child.expect(PROMPT)
+    answer = ask(child, Q1)
+    assert "Paris" in answer
+    quit_(child)
+
+
+def test_ctrl_d_exits_cleanly(tmp_path):
+    child = spawn(tmp_path)
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0 and child.signalstatus is None
+    assert "Traceback" not in child.before
