@@ -1,0 +1,223 @@
+"""A model of KV cache bytes per token and total size, checked against nbytes of real caches.
+
+Layers come from the model's own cache list (full `KVCache` or sliding
+`RotatingKVCache(window)`) or from a config.json (layer_types or
+sliding_window_pattern).  Per-token bytes of a codec are the bytes its own
+`encode` returns for one token; per-layer constants (rotations, QJL matrices,
+HQMQ tables, outlier permutations) are added once per layer.  Sliding layers
+hold min(context, window) tokens; boundary layers keep the fp cache.
+Allocated sizes round tokens up to the 256-token step both stores use.
+"""
+
+import inspect
+import json
+import math
+from pathlib import Path
+
+import mlx.core as mx
+from mlx_lm.models import cache as mlx_cache
+
+import tq_mlx
+from tq_mlx.codec_factory import build_codec, calibration_state
+
+from . import quality, report
+
+STEP = 256
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+
+
+def layers_from_config(cfg: dict):
+    """[(window or None), ...] per layer, and (n_kv_heads, head_dim) from a HF-style config dict."""
+    cfg = cfg.get("text_config", cfg)
+    n = cfg["num_hidden_layers"]
+    h = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    d = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    win = cfg.get("sliding_window")
+    if cfg.get("layer_types"):
+        kinds = [win if t == "sliding_attention" else None for t in cfg["layer_types"]]
+    elif cfg.get("sliding_window_pattern") and win:
+        p = cfg["sliding_window_pattern"]
+        kinds = [None if (i + 1) % p == 0 else win for i in range(n)]
+    else:
+        kinds = [None] * n
+    return kinds, (int(h), int(d))
+
+
+def layers_from_model(model):
+    kinds = [c.max_size if type(c) is mlx_cache.RotatingKVCache else None
+             for c in mlx_cache.make_prompt_cache(model)]
+    return kinds, quality.kv_dims(model)
+
+
+def _ceil(n):
+    return -(-n // STEP) * STEP
+
+
+def codec_cost(spec, cfg, h, d, layer, part):
+    """Bytes per token over all heads of one codec: what its `encode` returns for one token."""
+    x = mx.random.normal((1, h, 32, d))
+    kw = {"calib_q": mx.random.normal((1, h, 1, d))} if "calib_q" in inspect.signature(build_codec).parameters else {}
+    codec = build_codec(spec, cfg, d, h, layer, part, x, **kw)
+    return sum(a.nbytes for a in codec.encode(x[:, :, :1], part).values())
+
+
+def layer_constant(cfg, layer, h, d, window=None):
+    """Per-layer constant bytes (rotations, QJL matrices, HQMQ tables, learnt calibration) as the cache
+    counts them: nbytes of a one-token cache minus its token stores."""
+    c = tq_mlx.TurboQuantKVCache(cfg, layer, max_size=window)
+    x = mx.random.normal((1, h, 1 + getattr(cfg, "fp_sink", 0), d))  # one token past the fp16 sinks
+    c.update_and_fetch(x, x)
+    quality.settle(c)
+    stores = [getattr(c, "sink", None), c.codes, c.fp]
+    return c.nbytes - sum(st.nbytes for st in stores if st is not None)
+
+
+def layer_model(name, kinds, h, d, fp_bytes=2, boundary=0):
+    """Per layer: (kind, bytes per token, constant bytes, window, fp16 sink tokens, bytes per sink token)."""
+    n = len(kinds)
+    out = []
+    fp_tok = h * 2 * d * fp_bytes
+    if name == "fp" or name in quality.AFFINE:
+        for w in kinds:
+            if name != "fp" and w is None:
+                b = quality.AFFINE[name]
+                tok = 2 * h * (4 * math.ceil(d * b / 32) + 2 * (d // 64) * fp_bytes)
+                out.append(("affine", tok, 0, w, 0, 0))
+            else:
+                out.append(("fp", fp_tok, 0, w, 0, 0))
+        return out
+    cfg = tq_mlx.resolve_config(name, boundary_layers=boundary) if boundary else tq_mlx.resolve_config(name)
+    nb = cfg.boundary_layers
+    for i, w in enumerate(kinds):
+        if i < nb or i >= n - nb or (w is not None and not cfg.quantize_sliding):
+            out.append(("fp", fp_tok, 0, w, 0, 0))
+            continue
+        tok = codec_cost(cfg.keys, cfg, h, d, i, "k") + codec_cost(cfg.values, cfg, h, d, i, "v")
+        sink = getattr(cfg, "fp_sink", 0) if w is None else 0  # full-attention layers keep fp16 sinks
+        out.append(("tq", tok, layer_constant(cfg, i, h, d, w), w, sink, 2 * h * 2 * d))
+    return out
+
+
+def total_bytes(layers, context: int, allocated: bool = True) -> int:
+    """Cache bytes at `context` tokens (each layer filled in one update; sliding layers hold their window).
+
+    allocated: round each store up to its 256-token step (mlx-lm's RotatingKVCache concatenates: no slack)."""
+    tot = 0
+    for kind, tok, const, w, sink, sink_tok in layers:
+        n = context if w is None else min(context, w)
+        s = min(sink, n)
+        up = _ceil if allocated and not (kind == "fp" and w is not None) else (lambda m: m)
+        tot += up(n - s) * tok + up(s) * sink_tok + const
+    return tot
+
+
+def measure(model, name, kinds, h, d, context, dtype, boundary=0):
+    """nbytes of a real cache list, each layer filled directly with random K/V of its held length."""
+    if model is not None:
+        cache = quality.make_cache(model, name, **({"boundary_layers": boundary} if boundary else {}))
+    else:
+        cfg = tq_mlx.resolve_config(name, boundary_layers=boundary) if name not in quality.BASELINES else None
+        cache = []
+        for i, w in enumerate(kinds):
+            fp = cfg is None or i < cfg.boundary_layers or i >= len(kinds) - cfg.boundary_layers
+            if name in quality.AFFINE and w is None:
+                cache.append(mlx_cache.QuantizedKVCache(64, quality.AFFINE[name]))
+            elif fp or name in quality.BASELINES:
+                cache.append(mlx_cache.KVCache() if w is None else mlx_cache.RotatingKVCache(w, keep=0))
+            else:
+                cache.append(tq_mlx.TurboQuantKVCache(cfg, i, max_size=w))
+    total = 0
+    for c, w in zip(cache, kinds):
+        n = context if w is None else min(context, w)
+        x = mx.random.normal((1, h, n, d)).astype(dtype)
+        c.update_and_fetch(x, x)
+        quality.settle(c)
+        total += c.nbytes
+    return total
+
+
+def main(args, base, presets, argv):
+    from tqdm import tqdm
+
+    dtype = DTYPES[args.fp_dtype]
+    fp_bytes = dtype.size
+    model = None
+    if str(args.model).endswith(".json"):
+        kinds, (h, d) = layers_from_config(json.loads(Path(args.model).read_text()))
+    else:
+        from tq_mlx.models import load
+
+        model, _ = load(args.model)
+        kinds, (h, d) = layers_from_model(model)
+    contexts = [int(c[:-1]) * 1024 if c.lower().endswith("k") else int(c) for c in args.contexts.split(",")]
+    ctx = report.context(args.model, argv, layers=len(kinds), kv_heads=h, head_dim=d,
+                         sliding=[w for w in kinds], fp_dtype=args.fp_dtype, boundary_layers=args.boundary_layers, check_context=args.check_context,
+                         seed=args.seed)
+    res = report.Results(f"{base}.json", ctx, resume=args.resume)
+    names = ["fp", "affine8", "affine4"] + presets
+    fp_total = {c: total_bytes(layer_model("fp", kinds, h, d, fp_bytes), c, allocated=False) for c in contexts}
+    try:
+        for name in tqdm(names, desc="memory", disable=args.no_progress):
+            if res.done(name):
+                continue
+            rec = {"name": name}
+            try:
+                lm = layer_model(name, kinds, h, d, fp_bytes, args.boundary_layers)
+                q = [l for l in lm if l[0] != "fp"] or lm
+                rec["bytes_per_token_layer"] = sum(l[1] for l in q) / len(q)
+                rec["bpe"] = 8 * rec["bytes_per_token_layer"] / (h * 2 * d)
+                rec["const_bytes"] = sum(l[2] for l in lm)
+                rec["total"] = {str(c): total_bytes(lm, c, allocated=False) for c in contexts}
+                rec["ratio_vs_fp"] = {str(c): fp_total[c] / rec["total"][str(c)] for c in contexts}
+                rec["model_allocated"] = total_bytes(lm, args.check_context)
+                try:
+                    rec["measured"] = measure(model, name, kinds, h, d, args.check_context, dtype,
+                                              args.boundary_layers)
+                    rec["match"] = rec["measured"] == rec["model_allocated"]
+                except Exception as e:
+                    rec["measure_error"] = f"{type(e).__name__}: {e}"[:300]
+            except Exception as e:
+                rec["error"] = f"{type(e).__name__}: {e}"[:300]
+            res.add(name, rec)
+    finally:
+        files = write(res, base, contexts, ctx)
+    return files
+
+
+def _mb(b):
+    return None if b is None else b / 2**20
+
+
+def write(res, base, contexts, ctx):
+    rows = []
+    for r in res.entries.values():
+        row = {"name": r["name"], "bpe": r.get("bpe"), "const_kb": (r.get("const_bytes") or 0) / 1024,
+               "check": ("ok" if r.get("match") else "MISMATCH") if "match" in r else r.get("measure_error", r.get("error")),
+               "model_mb": _mb(r.get("model_allocated")), "measured_mb": _mb(r.get("measured"))}
+        for c in contexts:
+            row[f"mb{c}"] = _mb(r.get("total", {}).get(str(c)))
+            row[f"x{c}"] = r.get("ratio_vs_fp", {}).get(str(c))
+        rows.append(row)
+    cols = ["name", "bpe", "const_kb"] + [f"mb{c}" for c in contexts] + [f"x{contexts[-1]}"]
+    heads = ["cache", "bits/elem (quantized layers)", "constants KiB"] + [f"MiB @ {c}" for c in contexts] + \
+        [f"vs fp @ {contexts[-1]}"]
+    chk = report.md_table(rows, ["name", "model_mb", "measured_mb", "check"],
+                          ["cache", f"model MiB @ {ctx.get('check_context', '')}", "measured nbytes MiB", "check"])
+    md = report.write_md(f"{base}.md", f"KV memory: {ctx.get('model')}", ctx, [
+        (f"Modelled cache size (fp layers at {ctx['fp_dtype']})", report.md_table(rows, cols, heads)),
+        ("Model vs measured nbytes (allocated, 256-token steps)", chk)])
+    plt = report.plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in res.entries.values():
+        if "total" in r:
+            ax.plot(contexts, [r["total"][str(c)] / 2**20 for c in contexts], marker=".", label=r["name"],
+                    ls="--" if r["name"] in quality.BASELINES else "-")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("KV cache MiB (whole model)")
+    ax.set_title(f"KV cache size: {ctx.get('model')}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    png = report.save_fig(fig, f"{base}.png", ctx)
+    return [res.path, md, png]

@@ -1,0 +1,201 @@
+"""Decode and prefill speed, peak memory and KV bytes for each cache and context.
+
+Decode: the cache of every layer is filled directly with random K/V of the
+context length (sliding layers: their window), then the real model decodes
+`steps` tokens (after one warm-up); latency does not depend on the values.
+Prefill: a real chunked prefill of random tokens, only up to --prefill-max.
+Attention: one layer's decode attention alone (random q), since on a CPU the
+model's matmuls dominate end-to-end decode.
+"""
+
+import time
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from mlx_lm.models.base import quantized_scaled_dot_product_attention
+
+import tq_mlx
+from tq_mlx.dispatch import attention
+
+from . import quality, report
+
+
+def _ms(fn, reps):
+    fn()  # warm-up
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    ts.sort()
+    return 1000 * ts[len(ts) // 2]
+
+
+def fill(cache, n, h, d, dtype):
+    """Fill every layer directly with random K/V: n tokens (sliding layers: min(n, window))."""
+    for c in cache:
+        m = n if getattr(c, "max_size", None) is None else min(n, c.max_size)
+        for s in range(0, m, 4096):  # in pieces, to bound the temporaries
+            k = mx.random.normal((1, h, min(4096, m - s), d)).astype(dtype)
+            c.update_and_fetch(k, k)
+            quality.settle(c)
+            mx.eval([a for a in _arrays(c)])
+    return cache
+
+
+def _arrays(c):
+    if isinstance(c, tq_mlx.TurboQuantKVCache):
+        return [*c.codes.buffers.values(), *c.fp.buffers.values()]
+    st = c.state
+    flat = []
+    for x in st if isinstance(st, (list, tuple)) else [st]:
+        flat += list(x) if isinstance(x, (list, tuple)) else [x]
+    return [a for a in flat if isinstance(a, mx.array)]
+
+
+def kv_bytes(cache) -> int:
+    return sum(c.nbytes for c in cache)
+
+
+def decode(model, name, n, steps, dtype):
+    """ms/token of the real model on a cache filled directly to n tokens; peak memory; KV bytes."""
+    h, d = quality.kv_dims(model)
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    cache = fill(quality.make_cache(model, name), max(n - steps - 1, 1), h, d, dtype)  # ends at n
+    tok = mx.array([[1]])
+
+    def step():
+        mx.eval(model(tok, cache=cache))
+
+    ms = _ms(step, steps)
+    return {"decode_ms": ms, "kv_bytes": kv_bytes(cache), "peak_mb": mx.get_peak_memory() / 2**20}
+
+
+def prefill(model, name, n, chunk=512):
+    """Tokens/s of a real chunked prefill of n random tokens."""
+    cache = quality.make_cache(model, name)
+    toks = mx.random.randint(0, model.args.vocab_size, (1, n))
+    t = time.perf_counter()
+    for s in range(0, n, chunk):
+        mx.eval(model(toks[:, s : s + chunk], cache=cache))
+    return n / (time.perf_counter() - t)
+
+
+def attention_ms(name, n, hq, h, d, reps=5):
+    """One layer's decode attention at n tokens, ms per call (random q and K/V, fp32)."""
+    scale = d**-0.5
+    q = mx.random.normal((1, hq, 1, d))
+    kv = mx.random.normal((1, h, n, d))
+    if name == "fp":
+        fn = lambda: mx.eval(mx.fast.scaled_dot_product_attention(q, kv, kv, scale=scale))
+    elif name in quality.AFFINE:
+        b = quality.AFFINE[name]
+        qk = mx.quantize(kv, group_size=64, bits=b)
+        mx.eval(qk)
+        fn = lambda: mx.eval(quantized_scaled_dot_product_attention(q, qk, qk, scale=scale, mask=None,
+                                                                    group_size=64, bits=b))
+    else:
+        c = tq_mlx.TurboQuantKVCache(name)
+        c.update_and_fetch(kv, kv)
+        quality.settle(c, hq)
+        mx.eval(_arrays(c))
+        fn = lambda: mx.eval(attention(c, q, scale, None))
+    return _ms(fn, reps)
+
+
+def main(args, base, presets, argv):
+    from tqdm import tqdm
+
+    from tq_mlx.models import load
+
+    model, _ = load(args.model)
+    dtype = tree_flatten(model.parameters())[0][1].dtype
+    h, d = quality.kv_dims(model)
+    hq = model.args.num_attention_heads
+    contexts = [c for c in (_n(x) for x in args.contexts.split(",")) if c <= args.max_context]
+    names = [b for b in args.baselines.split(",") if b] + presets
+    ctx = report.context(args.model, argv, contexts=contexts, steps=args.steps, prefill_max=args.prefill_max,
+                         decode_fill="each layer filled directly with random K/V of the context length "
+                                     "(sliding layers: their window); the model then decodes real steps",
+                         model_dtype=str(dtype), seed=args.seed)
+    res = report.Results(f"{base}.json", ctx, resume=args.resume)
+    jobs = [(n, name) for n in contexts for name in names]
+    try:
+        for n, name in tqdm(jobs, desc="speed", disable=args.no_progress):
+            key = f"{name}@{n}"
+            if res.done(key):
+                continue
+            rec = {"name": name, "context": n}
+            for what, fn in (
+                ("attn_ms", None if args.no_attention else lambda: attention_ms(name, n, hq, h, d)),
+                ("decode", None if args.no_model else lambda: decode(model, name, n, args.steps, dtype)),
+                ("prefill_tok_s", lambda: prefill(model, name, n) if not args.no_model and n <= args.prefill_max
+                 else None),
+            ):
+                if fn is None:
+                    continue
+                try:
+                    v = fn()
+                    if v is not None:
+                        rec.update(v if isinstance(v, dict) else {what: v})
+                except Exception as e:
+                    rec.setdefault("error", f"{what}: {type(e).__name__}: {e}"[:300])
+            res.add(key, rec)
+    finally:
+        files = write(res, base, contexts, names, ctx)
+    return files
+
+
+def _n(s):
+    s = s.strip().lower()
+    return int(float(s[:-1]) * 1024) if s.endswith("k") else int(s)
+
+
+def ratios(entries):
+    """Add ratios against fp at the same context."""
+    rows = []
+    for r in entries.values():
+        fp = entries.get(f"fp@{r['context']}", {})
+        r = dict(r)
+        for k, rk in (("decode_ms", "decode_x"), ("attn_ms", "attn_x"), ("kv_bytes", "kv_x"),
+                      ("prefill_tok_s", "prefill_x")):
+            if r.get(k) and fp.get(k):
+                r[rk] = r[k] / fp[k]
+        if r.get("kv_bytes"):
+            r["kv_mb"] = r["kv_bytes"] / 2**20
+        rows.append(r)
+    return rows
+
+
+def write(res, base, contexts, names, ctx):
+    rows = ratios(res.entries)
+    cols = ["name", "context", "decode_ms", "decode_x", "attn_ms", "attn_x", "prefill_tok_s", "kv_mb", "kv_x",
+            "peak_mb", "error"]
+    heads = ["cache", "context", "decode ms/tok", "x fp", "attn ms/layer", "x fp", "prefill tok/s", "KV MiB",
+             "KV x fp", "peak MiB", "error"]
+    keep = [i for i, c in enumerate(cols) if i == 0 or any(r.get(c) is not None for r in rows)]
+    cols, heads = [cols[i] for i in keep], [heads[i] for i in keep]  # drop columns not measured
+    rows.sort(key=lambda r: (r["context"], names.index(r["name"]) if r["name"] in names else 99))
+    md = report.write_md(f"{base}.md", f"Speed: {ctx.get('model')}", ctx, [(
+        "Decode on a cache filled directly with random K/V; attention = one layer alone; ratios vs the fp cache "
+        f"(model dtype {ctx.get('model_dtype')})", report.md_table(rows, cols, heads))])
+    plt = report.plt()
+    panels = [(k, t) for k, t in (("decode_ms", "end-to-end decode, ms/token"),
+                                  ("attn_ms", "decode attention, one layer, ms")) if any(r.get(k) for r in rows)]
+    panels = panels or [("decode_ms", "end-to-end decode, ms/token")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, (k, t) in zip(axes[0], panels):
+        for name in names:
+            p = [(r["context"], r[k]) for r in rows if r["name"] == name and r.get(k)]
+            if p:
+                ax.plot(*zip(*p), marker=".", label=name, ls="--" if name in quality.BASELINES else "-")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context (tokens)")
+        ax.set_title(t)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=6, ncol=2)
+    fig.suptitle(f"Speed on {ctx.get('backend')}: {ctx.get('model')}")
+    png = report.save_fig(fig, f"{base}.png", ctx)
+    return [res.path, md, png]
