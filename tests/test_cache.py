@@ -207,3 +207,16 @@ def test_mlx_lm_affine_cache_still_uses_the_original_path():
     q = mx.random.normal((1, 2, 1, 64))
     want = mx.fast.scaled_dot_product_attention(q, kk, vv, scale=0.125)
     np.testing.assert_array_equal(np.array(sdpa(q, kk, vv, c, 0.125, None)), np.array(want))
+
+
+def test_full_query_whitening_keeps_attention_exact():
+    cfg = tq_mlx.CacheConfig(keys=tq_mlx.CodecSpec(bits=4, query_weighting="full"), values=tq_mlx.CodecSpec(bits=4))
+    cache = TurboQuantKVCache(cfg)
+    k, v = _kv(2, 50, 64)
+    cache.update_and_fetch(k, v)
+    q = mx.random.normal((1, 6, 50, 64), key=mx.random.key(1))
+    got = sdpa(q, None, None, cache, 0.125, "causal")  # the first attention call learns the whitening
+    assert cache.k_codec.weight.shape == (2, 64, 64)
+    kd, vd = _dequantized(cache)
+    want = mx.fast.scaled_dot_product_attention(q, kd, vd, scale=0.125, mask="causal")
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=5e-5, rtol=1e-4)

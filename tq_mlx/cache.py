@@ -42,7 +42,7 @@ class TurboQuantKVCache(_BaseCache):
         self.k_codec = self.v_codec = None
         self.codes = TokenStore()  # "k_*" and "v_*" encoded arrays
         self.fp = TokenStore()  # "k", "v" float16 recent tokens
-        self.sink = TokenStore()  # "k", "v" float16 first tokens (attention sinks)
+        self.sink = TokenStore(step=1)  # "k", "v" float16 first tokens (attention sinks), exact size
         self.pending = False  # set by update, cleared by attention: catches models that bypass it
 
     # ---- storage -------------------------------------------------------

@@ -9,6 +9,7 @@ the identical codec from `calib_state` without the original data.
 import math
 
 import mlx.core as mx
+import numpy as np
 
 from .config import CacheConfig, CodecSpec
 from .turboquant import TurboQuant
@@ -64,6 +65,20 @@ def outlier_channels(x: mx.array, n_hi: int) -> mx.array:
     return mx.argsort(-energy, axis=-1).astype(mx.int32)
 
 
+PRIOR_TOKENS = 8  # calibration statistics shrink toward "no change" as if from this many tokens
+
+
+def _shrink(stat: mx.array, n: int, prior) -> mx.array:
+    """(n * stat + n0 * prior) / (n + n0): few calibration tokens move little from the prior."""
+    return (n * stat + PRIOR_TOKENS * prior) / (n + PRIOR_TOKENS)
+
+
+def channel_mean(x: mx.array) -> mx.array:
+    """Per-head channel mean of x (B, H, T, d), shrunk toward 0: float32 (H, d)."""
+    n = x.shape[0] * x.shape[2]
+    return _shrink(mx.mean(x.astype(mx.float32), axis=(0, 2)), n, 0.0)
+
+
 def query_weights(x: mx.array, q: mx.array, mean=None) -> mx.array:
     """Channel weights w = (E q^2 / E k^2)^(1/4) per head, geometric mean 1: float32 (H, d).
 
@@ -76,9 +91,43 @@ def query_weights(x: mx.array, q: mx.array, mean=None) -> mx.array:
         x = x - mean[:, None, :]
     ek = mx.mean(x * x, axis=(0, 2))
     eq = mx.mean(q.astype(mx.float32) ** 2, axis=(0, 2))
+    ek = _shrink(ek, x.shape[0] * x.shape[2], mx.mean(ek, axis=-1, keepdims=True))
+    eq = _shrink(eq, q.shape[0] * q.shape[2], mx.mean(eq, axis=-1, keepdims=True))
     ratio = (eq + 1e-6 * mx.mean(eq, axis=-1, keepdims=True)) / (ek + 1e-6 * mx.mean(ek, axis=-1, keepdims=True))
     w = mx.clip(ratio, 1e-4, 1e4) ** 0.25
     return w / mx.exp(mx.mean(mx.log(w), axis=-1, keepdims=True))
+
+
+def query_whitening(x: mx.array, q: mx.array, mean=None) -> mx.array:
+    """Matrices A per head minimising the score error of isotropic noise on A k: float32 (H, d, d).
+
+    With Sk, Sq the key and query second moments (shrunk toward isotropic),
+    A^T A = Sk^-1/2 (Sk^1/2 Sq Sk^1/2)^1/2 Sk^-1/2; A is its symmetric square root, det 1.
+    """
+    x = np.array(x.astype(mx.float32), dtype=np.float64)
+    if mean is not None:
+        x = x - np.array(mean, dtype=np.float64)[None, :, None, :]
+    q = np.array(q.astype(mx.float32), dtype=np.float64)
+
+    def moment(a):
+        n = a.shape[0] * a.shape[2]
+        a = a.transpose(1, 0, 2, 3).reshape(a.shape[1], -1, a.shape[3])
+        s = np.einsum("hnd,hne->hde", a, a) / a.shape[1]
+        iso = np.trace(s, axis1=1, axis2=2)[:, None, None] / s.shape[-1] * np.eye(s.shape[-1])
+        n0 = s.shape[-1]  # a d x d moment needs about d tokens before it is trusted
+        return (n * s + n0 * iso) / (n + n0)
+
+    def psd_pow(m, p):
+        w, v = np.linalg.eigh(m)
+        w = np.maximum(w, 1e-12 * w.max(axis=-1, keepdims=True))
+        return (v * w[..., None, :] ** p) @ np.swapaxes(v, -1, -2)
+
+    sk, sq = moment(x), moment(q)
+    sk_h, sk_ih = psd_pow(sk, 0.5), psd_pow(sk, -0.5)
+    ata = sk_ih @ psd_pow(sk_h @ sq @ sk_h, 0.5) @ sk_ih
+    a = psd_pow(ata, 0.5)
+    a /= np.exp(np.linalg.slogdet(a)[1] / a.shape[-1])[:, None, None]
+    return mx.array(a.astype(np.float32))
 
 
 def build_codec(spec: CodecSpec, cfg: CacheConfig, d: int, n_heads: int, layer: int, part: str,
@@ -97,10 +146,11 @@ def build_codec(spec: CodecSpec, cfg: CacheConfig, d: int, n_heads: int, layer: 
     calib_state = calib_state or {}
     mean = None
     if spec.center:
-        mean = calib_state["mean"] if "mean" in calib_state else mx.mean(calib_x.astype(mx.float32), axis=(0, 2))
+        mean = calib_state["mean"] if "mean" in calib_state else channel_mean(calib_x)
     weight = calib_state.get("weight")
     if weight is None and spec.query_weighting and calib_q is not None:
-        weight = query_weights(calib_x, calib_q, mean)
+        fn = query_whitening if spec.query_weighting == "full" else query_weights
+        weight = fn(calib_x, calib_q, mean)
     common = dict(qjl=spec.qjl, qjl_kind=spec.qjl_kind, norm_dtype=spec.norm_dtype,
                   norm_correction=spec.norm_correction, rotation=cfg.rotation, mean=mean, weight=weight,
                   seed=cfg.seed, layer=layer, part=part)

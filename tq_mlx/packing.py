@@ -13,6 +13,8 @@ A kernel thread that owns lane `l` of a group unpacks its code with `bits`
 broadcast loads and shifts: code = sum_j ((w[g*bits + j] >> l) & 1) << j.
 """
 
+from functools import partial
+
 import mlx.core as mx
 
 MAX_PACK_BITS = 16
@@ -45,14 +47,22 @@ def pack(codes: mx.array, bits: int) -> mx.array:
     return words.reshape(*codes.shape[:-1], groups * bits)
 
 
+@partial(mx.compile, shapeless=True)
+def _assemble(lanes, *planes):
+    """codes = sum_j ((plane_j >> lane) & 1) << j, fused into one elementwise kernel for any shape."""
+    out = (planes[0] >> lanes) & 1
+    for j in range(1, len(planes)):
+        out = out | (((planes[j] >> lanes) & 1) << j)
+    return out
+
+
 def unpack(words: mx.array, bits: int, n: int) -> mx.array:
     """Inverse of pack: uint32 (..., packed_words(n, bits)) -> uint32 codes (..., n)."""
     _check_bits(bits)
     groups = -(-n // 32)
     if words.shape[-1] != groups * bits:
         raise ValueError(f"expected {groups * bits} packed words for n={n}, bits={bits}; got {words.shape[-1]}")
-    w = words.reshape(*words.shape[:-1], groups, bits, 1)
-    planes = mx.arange(bits, dtype=mx.uint32).reshape(bits, 1)
-    codes = (((w >> _LANES) & 1) << planes).sum(axis=-2).astype(mx.uint32)
-    codes = codes.reshape(*words.shape[:-1], groups * 32)
+    w = words.reshape(*words.shape[:-1], groups, bits)
+    planes = [w[..., j : j + 1] for j in range(bits)]  # (..., G, 1) each
+    codes = _assemble(_LANES, *planes).reshape(*words.shape[:-1], groups * 32)
     return codes[..., :n] if groups * 32 != n else codes

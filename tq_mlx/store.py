@@ -8,9 +8,8 @@ import mlx.core as mx
 
 
 class TokenStore:
-    step = 256
-
-    def __init__(self):
+    def __init__(self, step: int = 256):
+        self.step = step
         self.buffers = {}  # name -> (B, H, capacity, ...)
         self.length = 0
 
@@ -67,7 +66,7 @@ class TokenStore:
         self.length = next(iter(arrays.values())).shape[2] if arrays else 0
 
     def copy(self) -> "TokenStore":
-        new = TokenStore()
+        new = TokenStore(self.step)
         new.buffers = {k: mx.array(b) for k, b in self.buffers.items()}
         new.length = self.length
         return new

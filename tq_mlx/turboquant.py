@@ -154,9 +154,10 @@ class TurboQuant:
     mean: optional float32 (H, d) subtracted before encoding and added back
     exactly in scores/accumulate (attention weights sum to 1), so centring
     changes no result except the quantization error.
-    weight: optional float32 (H, d) channel weights w: w * (x - mean) is
-    encoded and queries are divided by w, so <q, x> is unchanged while the
-    quantization noise is shaped away from the channels queries use most.
+    weight: optional float32 (H, d) channel weights w, or (H, d, d) matrices
+    A: w * (x - mean) (or A (x - mean)) is encoded and queries are divided by
+    w (or mapped by A^-T), so <q, x> is unchanged while the quantization noise
+    is shaped away from the directions queries use most.
     """
 
     def __init__(self, d, n_heads, bits, sizes=None, *, qjl=False, qjl_kind="orthogonal",
@@ -185,16 +186,19 @@ class TurboQuant:
         self._cuts = np.cumsum(sizes)[:-1].tolist()
         self.mean = None if mean is None else mx.array(mean).astype(mx.float32)
         self.weight = None if weight is None else mx.array(weight).astype(mx.float32)
+        self._winv = None
+        if self.weight is not None and self.weight.ndim == 3:
+            self._winv = mx.array(np.linalg.inv(np.array(self.weight, dtype=np.float64)).astype(np.float32))
         self._mean_rot = None
         if mean is not None:
-            wm = self.mean if weight is None else self.mean * self.weight
+            wm = self._weigh(self.mean[None, :, None, :])[0, :, 0]
             self._mean_rot = self.rotation.forward(wm[None, :, None, :])
 
     @property
     def side_nbytes(self) -> int:
         """Bytes of per-head constants held (rotation signs or matrices, QJL matrices)."""
         extra = 0 if self.mean is None else self.mean.nbytes + self._mean_rot.nbytes
-        extra += 0 if self.weight is None else self.weight.nbytes
+        extra += 0 if self.weight is None else self.weight.nbytes * (1 + (self._winv is not None))
         return extra + self.rotation.nbytes + sum(s.side_nbytes for s in self.segments)
 
     @property
@@ -216,9 +220,7 @@ class TurboQuant:
         x = x.astype(mx.float32)
         if self.mean is not None:
             x = x - self.mean[:, None, :]
-        if self.weight is not None:
-            x = x * self.weight[:, None, :]
-        y = self.rotation.forward(x)
+        y = self.rotation.forward(self._weigh(x))
         enc = {}
         for i, (seg, ys) in enumerate(zip(self.segments, self._split(y))):
             enc.update({f"{k}{i}": v for k, v in seg.encode(ys, self.norm_dtype).items()})
@@ -238,7 +240,9 @@ class TurboQuant:
     def rotate_query(self, q: mx.array) -> mx.array:
         """R (q / w) for q (B, H, M, d) (queries grouped per KV head)."""
         q = q.astype(mx.float32)
-        return self.rotation.forward(q if self.weight is None else q / self.weight[:, None, :])
+        if self.weight is not None:
+            q = q @ self._winv if self._winv is not None else q / self.weight[:, None, :]
+        return self.rotation.forward(q)
 
     def scores(self, q_rot: mx.array, enc: dict) -> mx.array:
         """<R q, y~_t>: q_rot (B, H, M, d) -> (B, H, M, T) float32."""
@@ -254,4 +258,12 @@ class TurboQuant:
     def unrotate(self, acc: mx.array) -> mx.array:
         """R^T acc / w: back to the original domain."""
         x = self.rotation.inverse(acc)
-        return x if self.weight is None else x / self.weight[:, None, :]
+        if self.weight is None:
+            return x
+        return x @ mx.swapaxes(self._winv, -1, -2) if self._winv is not None else x / self.weight[:, None, :]
+
+    def _weigh(self, x):
+        """w * x or x A^T for x (B, H, T, d)."""
+        if self.weight is None:
+            return x
+        return x @ mx.swapaxes(self.weight, -1, -2) if self._winv is not None else x * self.weight[:, None, :]
