@@ -50,7 +50,7 @@ def test_decode_matches_dequantize_then_sdpa(d, gqa):
     np.testing.assert_allclose(np.array(got), np.array(want), atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("preset", ["k8v4", "2.5", "k4v4-qjl", "fp16"])
+@pytest.mark.parametrize("preset", ["k8v4", "2.5", "k4v4-qjl", "k4v3-fast", "fp16"])
 def test_prefill_chunk_with_causal_mask_matches_dequantized(preset):
     d, h, g = 64, 3, 3
     cache = TurboQuantKVCache(preset)
@@ -220,3 +220,18 @@ def test_full_query_whitening_keeps_attention_exact():
     kd, vd = _dequantized(cache)
     want = mx.fast.scaled_dot_product_attention(q, kd, vd, scale=0.125, mask="causal")
     np.testing.assert_allclose(np.array(got), np.array(want), atol=5e-5, rtol=1e-4)
+
+
+def test_uniform_grid_needs_sizes_divisible_by_32():
+    cache = TurboQuantKVCache("k4v4-fast")
+    k, v = _kv(1, 4, 80)
+    with pytest.raises(ValueError, match="divisible by 32"):
+        _fill(cache, k, v)
+
+
+def test_uniform_grid_stores_mlx_affine_codes():
+    cache = TurboQuantKVCache(tq_mlx.resolve_config("k4v4-fast", fp_sink=0))
+    k, v = _kv(2, 64, 128)
+    _fill(cache, k, v)
+    view = cache.codes.view()
+    assert view["k_codes0"].shape == (1, 2, 64, 128 * 4 // 32) and view["k_scales0"].dtype == mx.float16

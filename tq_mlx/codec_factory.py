@@ -153,6 +153,7 @@ def build_codec(spec: CodecSpec, cfg: CacheConfig, d: int, n_heads: int, layer: 
         weight = fn(calib_x, calib_q, mean)
     common = dict(qjl=spec.qjl, qjl_kind=spec.qjl_kind, norm_dtype=spec.norm_dtype,
                   norm_correction=spec.norm_correction, rotation=cfg.rotation, mean=mean, weight=weight,
+                  grid=spec.grid,
                   seed=cfg.seed, layer=layer, part=part)
     bits = float(spec.bits)
     if bits == int(bits):

@@ -26,6 +26,10 @@ class CodecSpec:
     query_weighting: keys only: scale channels by (E q^2 / E k^2)^(1/4), learnt
         from the first queries and keys, and divide queries by the same weights
         (scores unchanged; quantization noise moved off the channels queries use).
+        "full": a whitening matrix per head instead (lower error, d x d floats held).
+    grid: "lloyd-max" (TurboQuant) or "uniform": the same rotated, centred,
+        weighted vectors in MLX's affine format, so attention runs on MLX's
+        quantized matmul kernels (the CPU speed option; bits 2, 3, 4, 5, 6, 8).
     norm_dtype: "float16" or "float32".
     hqmq: HQMQ configuration name, e.g. "s96_r4".
     """
@@ -36,7 +40,8 @@ class CodecSpec:
     qjl_kind: str = "orthogonal"
     norm_correction: bool = True
     center: bool = True
-    query_weighting: bool = True
+    query_weighting: object = True  # True, False or "full"
+    grid: str = "lloyd-max"
     norm_dtype: str = "float16"
     hqmq: str = "s96_r4"
 
@@ -49,13 +54,17 @@ class CodecSpec:
                 raise ValueError(f"TurboQuant bits must be in 1..8 (fractions for the outlier split), got {self.bits}")
             if self.qjl and b != int(b):
                 raise ValueError(f"QJL takes whole bits (got {self.bits}); the outlier split has no QJL variant")
+        if self.query_weighting not in (True, False, "full"):
+            raise ValueError(f"query_weighting must be True, False or 'full', got {self.query_weighting!r}")
+        if self.grid not in ("lloyd-max", "uniform"):
+            raise ValueError(f"grid must be 'lloyd-max' or 'uniform', got {self.grid!r}")
 
     def describe(self) -> str:
         if self.codec == "fp16":
             return "fp16"
         if self.codec == "hqmq":
             return f"hqmq-{self.hqmq}"
-        return f"tq{self.bits:g}" + ("+qjl" if self.qjl else "")
+        return f"tq{self.bits:g}" + ("+qjl" if self.qjl else "") + ("-uniform" if self.grid == "uniform" else "")
 
 
 @dataclass(frozen=True)
@@ -121,6 +130,9 @@ PRESETS = {
     "2.5": _kv(2.5, 2.5),  # the paper's outlier split: 32 ch @ 3 bits + 96 @ 2 at d=128
     "3.5-split": _kv(3.5, 3.5),
     "k4v4-qjl": _kv(4, 4, qjl=True),
+    "k8v8-fast": _kv(8, 8, grid="uniform"),
+    "k4v4-fast": _kv(4, 4, grid="uniform"),
+    "k4v3-fast": _kv(4, 3, grid="uniform"),
     "hqmq-s24r3": CacheConfig(keys=CodecSpec("hqmq", hqmq="s24_r3"), values=CodecSpec("hqmq", hqmq="s24_r3")),
     "hqmq-s96r4": CacheConfig(keys=CodecSpec("hqmq", hqmq="s96_r4"), values=CodecSpec("hqmq", hqmq="s96_r4")),
     "hqmq-s192r6": CacheConfig(keys=CodecSpec("hqmq", hqmq="s192_r6"), values=CodecSpec("hqmq", hqmq="s192_r6")),

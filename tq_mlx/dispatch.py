@@ -34,6 +34,7 @@ import mlx.core as mx
 
 from . import kernels as K
 from .attention import reference_attention
+from .affine_segment import AffineSegment
 from .turboquant import TurboQuant
 
 log = logging.getLogger("tq_mlx")
@@ -78,6 +79,8 @@ def unsupported_reason(cache, queries, mask):
         if len(c.segments) != 1:
             return f"{part} codec has {len(c.segments)} segments (outlier split)"
         seg = c.segments[0]
+        if isinstance(seg, AffineSegment):
+            return f"{part} codec uses the uniform grid (MLX's quantized kernels serve it)"
         if seg.qjl:
             return f"{part} codec uses QJL"
         if not 1 <= seg.mse_bits <= K.MAX_BITS:

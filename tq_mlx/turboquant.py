@@ -20,9 +20,11 @@ import mlx.core as mx
 import numpy as np
 
 from . import codebook as cbk
+from .affine_segment import AffineSegment
 from .packing import pack, packed_words, unpack
 from .rotation import HeadRotation, derive_seed, rotation_matrix
 
+GRIDS = ("lloyd-max", "uniform")
 NORM_DTYPES = {"float16": mx.float16, "float32": mx.float32}
 QJL_KINDS = ("gaussian", "orthogonal")
 
@@ -158,11 +160,13 @@ class TurboQuant:
     A: w * (x - mean) (or A (x - mean)) is encoded and queries are divided by
     w (or mapped by A^-T), so <q, x> is unchanged while the quantization noise
     is shaped away from the directions queries use most.
+    grid: "lloyd-max" (the TurboQuant codebooks) or "uniform" (MLX's affine
+    format on the rotated vectors, so attention uses MLX's quantized kernels).
     """
 
     def __init__(self, d, n_heads, bits, sizes=None, *, qjl=False, qjl_kind="orthogonal",
                  norm_dtype="float16", norm_correction=True, rotation="auto", perm=None,
-                 mean=None, weight=None, seed=0, layer=0, part="k"):
+                 mean=None, weight=None, grid="lloyd-max", seed=0, layer=0, part="k"):
         sizes = [d] if sizes is None else list(sizes)
         bits = [bits] if isinstance(bits, int) else list(bits)
         if sum(sizes) != d or len(sizes) != len(bits):
@@ -178,11 +182,18 @@ class TurboQuant:
         seeds = [[derive_seed(seed, layer, h, part, s) for s in range(len(sizes))] for h in range(n_heads)]
         blocks = sizes if perm is not None else [d]
         self.rotation = HeadRotation(blocks, seeds, rotation, perm)
-        self.segments = [
-            Segment(n, b, qjl, qjl_kind, [derive_seed(seed, layer, h, part, 100 + i) for h in range(n_heads)],
-                    norm_correction)
-            for i, (n, b) in enumerate(zip(sizes, bits))
-        ]
+        if grid not in GRIDS:
+            raise ValueError(f"grid {grid!r} unsupported; allowed: {GRIDS}")
+        if grid == "uniform":
+            if qjl:
+                raise ValueError("the uniform grid has no QJL variant")
+            self.segments = [AffineSegment(n, b) for n, b in zip(sizes, bits)]
+        else:
+            self.segments = [
+                Segment(n, b, qjl, qjl_kind, [derive_seed(seed, layer, h, part, 100 + i) for h in range(n_heads)],
+                        norm_correction)
+                for i, (n, b) in enumerate(zip(sizes, bits))
+            ]
         self._cuts = np.cumsum(sizes)[:-1].tolist()
         self.mean = None if mean is None else mx.array(mean).astype(mx.float32)
         self.weight = None if weight is None else mx.array(weight).astype(mx.float32)
