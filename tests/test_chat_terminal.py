@@ -2,11 +2,14 @@
 
 import os
 import re
+import shlex
+import shutil
 import sys
 
 import pytest
 
 pexpect = pytest.importorskip("pexpect")
+import pexpect.popen_spawn  # noqa: E402
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
@@ -16,12 +19,33 @@ Q1, Q2 = "What is the capital of France?", "And of Germany?"
 TIMEOUT = 120
 
 
+class Terminal(pexpect.popen_spawn.PopenSpawn):
+    """tq-chat on a real pseudo-terminal made by script(1), started with subprocess (vfork + exec).
+
+    pexpect.spawn would fork this test process, and once OpenBLAS 0.3.21's thread pool has run
+    (earlier model tests), its fork handler deadlocks in blas_thread_shutdown_.  Bytes sent here
+    reach the pty's line discipline, so ^C raises SIGINT and ^D is end-of-file, as at a keyboard.
+    """
+
+    def sendintr(self):
+        self.send("\x03")
+
+    def sendeof(self):
+        self.send("\x04")
+
+    def close(self):
+        self.wait()
+
+
 def spawn(tmp_path, *args):
+    if shutil.which("script") is None:
+        pytest.skip("script(1) from util-linux is needed to run tq-chat on a pseudo-terminal")
     env = dict(os.environ, TQ_MLX_CACHE=str(tmp_path / "cache"), TERM="dumb", PYTHONUNBUFFERED="1")
     if os.path.exists(OPENBLAS) and "LD_PRELOAD" not in env:
         env["LD_PRELOAD"] = OPENBLAS
-    child = pexpect.spawn(sys.executable, ["-m", "tq_mlx.chat.cli", *args], env=env, cwd=str(tmp_path),
-                          encoding="utf-8", timeout=TIMEOUT, dimensions=(50, 400))
+    cmd = "stty cols 400 rows 50; exec " + shlex.join([sys.executable, "-m", "tq_mlx.chat.cli", *args])
+    child = Terminal(["script", "-qfec", cmd, "/dev/null"], env=env, cwd=str(tmp_path),
+                     encoding="utf-8", timeout=TIMEOUT)
     child.expect("Loading smollm2-135m")
     child.expect(PROMPT)
     return child
