@@ -6,7 +6,8 @@ sliding_window_pattern).  Per-token bytes of a codec are the bytes its own
 `encode` returns for one token; per-layer constants (rotations, QJL matrices,
 HQMQ tables, outlier permutations) are added once per layer.  Sliding layers
 hold min(context, window) tokens; boundary layers keep the fp cache.
-Allocated sizes round tokens up to the 256-token step both stores use.
+Allocated sizes round the code and window stores up to their 256-token step; the fp16 sink
+store is exactly sized.
 """
 
 import inspect
@@ -101,13 +102,14 @@ def layer_model(name, kinds, h, d, fp_bytes=2, boundary=0):
 def total_bytes(layers, context: int, allocated: bool = True) -> int:
     """Cache bytes at `context` tokens (each layer filled in one update; sliding layers hold their window).
 
-    allocated: round each store up to its 256-token step (mlx-lm's RotatingKVCache concatenates: no slack)."""
+    allocated: round the code stores up to their 256-token step (the sink store is exact;
+    mlx-lm's RotatingKVCache concatenates: no slack)."""
     tot = 0
     for kind, tok, const, w, sink, sink_tok in layers:
         n = context if w is None else min(context, w)
         s = min(sink, n)
         up = _ceil if allocated and not (kind == "fp" and w is not None) else (lambda m: m)
-        tot += up(n - s) * tok + up(s) * sink_tok + const
+        tot += up(n - s) * tok + s * sink_tok + const
     return tot
 
 
