@@ -273,3 +273,29 @@ def test_encode_kernel(D, bits, T):
     assert (got_idx != ref_idx).mean() < 1e-3 and np.abs(got_idx.astype(int) - ref_idx).max() <= 1
     np.testing.assert_allclose(np.array(norm.astype(mx.float32)), np.array(ref["norm"].astype(mx.float32)),
                                rtol=1e-3)
+
+
+def test_cache_encodes_through_the_kernel_when_kernels_are_enabled(monkeypatch):
+    from tq_mlx import TurboQuantKVCache, resolve_config
+    from tq_mlx.packing import unpack
+
+    calls = []
+    real = K.encode_rotated
+    monkeypatch.setattr(K, "encode_rotated", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    k = mx.random.normal((1, 2, 40, 64), key=mx.random.key(0))
+    v = mx.random.normal((1, 2, 40, 64), key=mx.random.key(1))
+    cfg = resolve_config("k4v3", fp_sink=0)
+    ref = TurboQuantKVCache(cfg)
+    ref.update_and_fetch(k, v)
+    ref.encode_pending(mx.ones((1, 2, 3, 64)))
+    monkeypatch.setenv("TQ_MLX_ATTENTION", "metal")
+    with emulated():
+        got = TurboQuantKVCache(cfg)
+        got.update_and_fetch(k, v)
+        got.encode_pending(mx.ones((1, 2, 3, 64)))
+        mx.eval(got.codes.view())
+    assert len(calls) == 2  # keys and values
+    for name, bits in (("k_codes0", 4), ("v_codes0", 3)):
+        a = np.array(unpack(got.codes.view()[name], bits, 64))
+        b = np.array(unpack(ref.codes.view()[name], bits, 64))
+        assert (a != b).mean() < 1e-3

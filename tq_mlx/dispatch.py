@@ -55,6 +55,12 @@ def mode() -> str:
     return m
 
 
+def kernels_enabled() -> bool:
+    """True when the Metal kernels serve this process: TQ_MLX_ATTENTION=metal, or auto with a Metal back-end."""
+    m = mode()
+    return m == "metal" or (m == "auto" and mx.metal.is_available())
+
+
 def _is_fp(enc) -> bool:
     return "x" in enc  # Float16Codec parts (fp16 window, fp16 sink tokens) store the raw vectors as "x"
 
@@ -97,8 +103,7 @@ def attention(cache, queries, scale, mask=None, sinks=None):
     cache.pending = False
     if cache.empty():
         raise ValueError("attention on an empty TurboQuantKVCache: call update_and_fetch first")
-    m = mode()
-    if m == "reference" or (m == "auto" and not mx.metal.is_available()):
+    if not kernels_enabled():
         return reference_attention(cache, queries, scale, mask, sinks)
     if hasattr(cache, "encode_pending"):  # deferred encoding (query-calibrated key codecs), as the reference does
         B, Hq, L, dk = queries.shape

@@ -55,6 +55,13 @@ def quantize_levels(u: mx.array, edges: mx.array, bits: int) -> mx.array:
     return idx
 
 
+def _encode_kernel_ok(n: int) -> bool:
+    """The tq_encode Metal kernel serves segments of supported size when the kernels are enabled."""
+    from . import dispatch, kernels
+
+    return n in kernels.SUPPORTED_D and dispatch.kernels_enabled()
+
+
 def _sign_pm(words: mx.array, n: int) -> mx.array:
     return unpack(words, 1, n).astype(mx.float32) * 2.0 - 1.0
 
@@ -91,6 +98,11 @@ class Segment:
         return (32 * words + norm_bits * (1 + self.qjl)) / self.n
 
     def encode(self, y: mx.array, norm_dtype) -> dict:
+        if not self.qjl and _encode_kernel_ok(self.n):
+            from . import kernels
+
+            codes, norm = kernels.encode_rotated(y, self.levels, self.edges, norm_dtype, self.norm_correction)
+            return {"codes": codes, "norm": norm}
         norm = mx.linalg.norm(y, axis=-1)
         u = y / mx.maximum(norm, 1e-30)[..., None]
         out = {}
