@@ -6,7 +6,7 @@ sliding_window_pattern).  Per-token bytes of a codec are the bytes its own
 `encode` returns for one token; per-layer constants (rotations, QJL matrices,
 HQMQ tables, outlier permutations) are added once per layer.  Sliding layers
 hold min(context, window) tokens; boundary layers keep the fp cache.
-Allocated sizes round the code and window stores up to their 256-token step; the fp16 sink
+Allocated sizes round the code and window stores up to their growth step (tq_mlx.store.STEP); the fp16 sink
 store is exactly sized.
 """
 
@@ -20,10 +20,10 @@ from mlx_lm.models import cache as mlx_cache
 
 import tq_mlx
 from tq_mlx.codec_factory import build_codec, calibration_state
+from tq_mlx.store import STEP
 
 from . import quality, report
 
-STEP = 256
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
 
@@ -50,8 +50,8 @@ def layers_from_model(model):
     return kinds, quality.kv_dims(model)
 
 
-def _ceil(n):
-    return -(-n // STEP) * STEP
+def _ceil(n, step):
+    return -(-n // step) * step
 
 
 def codec_cost(spec, cfg, h, d, layer, part):
@@ -102,13 +102,14 @@ def layer_model(name, kinds, h, d, fp_bytes=2, boundary=0):
 def total_bytes(layers, context: int, allocated: bool = True) -> int:
     """Cache bytes at `context` tokens (each layer filled in one update; sliding layers hold their window).
 
-    allocated: round the code stores up to their 256-token step (the sink store is exact;
-    mlx-lm's RotatingKVCache concatenates: no slack)."""
+    allocated: round tq-mlx's code stores up to STEP tokens and mlx-lm's caches up to their 256
+    (the sink store is exact; mlx-lm's RotatingKVCache concatenates: no slack)."""
     tot = 0
     for kind, tok, const, w, sink, sink_tok in layers:
         n = context if w is None else min(context, w)
         s = min(sink, n)
-        up = _ceil if allocated and not (kind == "fp" and w is not None) else (lambda m: m)
+        step = STEP if kind == "tq" else mlx_cache.KVCache.step
+        up = (lambda m: _ceil(m, step)) if allocated and not (kind == "fp" and w is not None) else (lambda m: m)
         tot += up(n - s) * tok + s * sink_tok + const
     return tot
 
@@ -207,7 +208,7 @@ def write(res, base, contexts, ctx):
                           ["cache", f"model MiB @ {ctx.get('check_context', '')}", "measured nbytes MiB", "check"])
     md = report.write_md(f"{base}.md", f"KV memory: {ctx.get('model')}", ctx, [
         (f"Modelled cache size (fp layers at {ctx['fp_dtype']})", report.md_table(rows, cols, heads)),
-        ("Model vs measured nbytes (allocated, 256-token steps)", chk)])
+        (f"Model vs measured nbytes (allocated, {STEP}-token steps)", chk)])
     plt = report.plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in res.entries.values():
