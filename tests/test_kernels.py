@@ -15,6 +15,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from tq_mlx import CacheConfig, CodecSpec
 from tq_mlx import kernels as K
 from tq_mlx.turboquant import TurboQuant
 
@@ -184,6 +185,7 @@ def _both(cache, q, scale, mask=None, sinks=None, monkeypatch=None):
     ("k4v3", 128, 3, 0, False),
     ("k8v4", 256, 7, 8, True),
     ("k3v2", 80, 3, 4, False),
+    (CacheConfig(keys=CodecSpec(bits=4, query_weighting="full"), values=CodecSpec(bits=4)), 64, 3, 4, False),
 ])
 def test_dispatch_decode_and_prefill(config, D, G, fp_window, sinks, monkeypatch):
     H, L = 2, 37

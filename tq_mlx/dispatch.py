@@ -17,8 +17,9 @@ segment, no QJL, 1..8 bits, float16/float32 norms, head_dim in 64, 80, 96,
   `kernels.dequantize` (float16; float32 for float32 models), the fp16 parts
   are rotated, and
   mx.fast.scaled_dot_product_attention runs on rotated q/k/v for this layer.
-Query-weighted key codecs (weight w) need no kernel change: the query is
-rotated as R (q / w) by the codec and the window keys as R (w k).
+Query-weighted key codecs (weights w, or a whitening matrix A) need no kernel
+change: the codec rotates the query as R (q / w) (R A^-T q) and the window keys
+as R (w k) (R A k).
 A centred codec's mean is added back on the host (decode: score shift and
 sum-exp times the mean; prefill: added to the dequantized tensors).
 Everything else (outlier split, QJL, HQMQ, fp16 codecs, other head dims, an
@@ -127,10 +128,9 @@ def _mean_rot(codec):
 
 
 def _rotate_data(codec, x):
-    """Stored-domain image of raw fp vectors x (B, H, n, d): R (w * x) (no centring: the window is raw)."""
-    x = x.astype(mx.float32)
-    w = getattr(codec, "weight", None)
-    return codec.rotation.forward(x if w is None else x * w[:, None, :])
+    """Stored-domain image of raw fp vectors x (B, H, n, d): R (w * x), or R A x for a whitening
+    matrix (no centring: the window is raw)."""
+    return codec.rotation.forward(codec._weigh(x.astype(mx.float32)))
 
 
 def _arrays(cache, ek, ev):
