@@ -28,7 +28,8 @@ import numpy as np
 from tqdm import tqdm
 
 from tq_mlx import codebook as cbk
-from tq_mlx.codec_factory import outlier_channels, split_sizes
+from tq_mlx.calibration import outlier_channels
+from tq_mlx.codec_factory import split_sizes
 from tq_mlx.hqmq import CONFIGS as HQMQ_CONFIGS
 from tq_mlx.hqmq import HQMQ
 from tq_mlx.turboquant import TurboQuant

@@ -9,125 +9,26 @@ the identical codec from `calib_state` without the original data.
 import math
 
 import mlx.core as mx
-import numpy as np
 
+from .calibration import channel_mean, outlier_channels, query_weights, query_whitening
 from .config import CacheConfig, CodecSpec
+from .fp16_codec import FP16
 from .turboquant import TurboQuant
 
 
-class Float16Codec:
-    """Passthrough: tokens kept as float16 in the original domain (the "fp16" preset and the fp16 window)."""
-
-    side_nbytes = 0
-    bits_per_element = 16.0
-
-    def encode(self, x: mx.array, what: str = "input") -> dict:
-        return {"x": x.astype(mx.float16)}
-
-    def decode(self, enc: dict) -> mx.array:
-        return enc["x"].astype(mx.float32)
-
-    def rotate_query(self, q):
-        return q.astype(mx.float32)
-
-    def unrotate(self, acc):
-        return acc
-
-    def scores(self, q: mx.array, enc: dict) -> mx.array:
-        return q @ mx.swapaxes(enc["x"].astype(mx.float32), -1, -2)
-
-    def accumulate(self, p: mx.array, enc: dict) -> mx.array:
-        return p @ enc["x"].astype(mx.float32)
-
-
-FP16 = Float16Codec()
 
 
 def split_sizes(bits: float, d: int):
     """Outlier split for fractional bits: ([n_hi, n_lo], [b_hi, b_lo]).
 
-    The paper's 2.5-bit setting is 32 outlier channels at 3 bits + 96 at 2;
-    in general n_hi = round(frac * d) rounded to a multiple of 16 (>= 16).
+    n_hi = frac * d channels, rounded to a multiple of 16 (>= 16): 2.5 bits at d=128 is
+    64 @ 3 + 64 @ 2.  (The paper's "32 @ 3 + 96 @ 2" is 2.25 bits, not 2.5.)
     """
     lo = math.floor(bits)
     frac = bits - lo
     n_hi = int(round(frac * d / 16.0)) * 16
     n_hi = min(max(n_hi, 16), d - 16)
     return [n_hi, d - n_hi], [lo + 1, lo]
-
-
-def outlier_channels(x: mx.array, n_hi: int) -> mx.array:
-    """Per-head channel order, outliers first: x (B, H, T, d) -> int32 (H, d).
-
-    Outliers are the n_hi channels with the largest mean square over the data seen.
-    """
-    energy = mx.mean(x.astype(mx.float32) ** 2, axis=(0, 2))  # (H, d)
-    return mx.argsort(-energy, axis=-1).astype(mx.int32)
-
-
-PRIOR_TOKENS = 8  # calibration statistics shrink toward "no change" as if from this many tokens
-
-
-def _shrink(stat: mx.array, n: int, prior) -> mx.array:
-    """(n * stat + n0 * prior) / (n + n0): few calibration tokens move little from the prior."""
-    return (n * stat + PRIOR_TOKENS * prior) / (n + PRIOR_TOKENS)
-
-
-def channel_mean(x: mx.array) -> mx.array:
-    """Per-head channel mean of x (B, H, T, d), shrunk toward 0: float32 (H, d)."""
-    n = x.shape[0] * x.shape[2]
-    return _shrink(mx.mean(x.astype(mx.float32), axis=(0, 2)), n, 0.0)
-
-
-def query_weights(x: mx.array, q: mx.array, mean=None) -> mx.array:
-    """Channel weights w = (E q^2 / E k^2)^(1/4) per head, geometric mean 1: float32 (H, d).
-
-    x: keys (B, H, T, d); q: queries grouped per KV head (B, H, M, d).  With
-    k' = w k and q' = q / w the score error of isotropic quantization noise,
-    sum_i q_i^2 / w_i^2 * sum_i w_i^2 k_i^2, is minimal (Cauchy-Schwarz).
-    """
-    x = x.astype(mx.float32)
-    if mean is not None:
-        x = x - mean[:, None, :]
-    ek = mx.mean(x * x, axis=(0, 2))
-    eq = mx.mean(q.astype(mx.float32) ** 2, axis=(0, 2))
-    ek = _shrink(ek, x.shape[0] * x.shape[2], mx.mean(ek, axis=-1, keepdims=True))
-    eq = _shrink(eq, q.shape[0] * q.shape[2], mx.mean(eq, axis=-1, keepdims=True))
-    ratio = (eq + 1e-6 * mx.mean(eq, axis=-1, keepdims=True)) / (ek + 1e-6 * mx.mean(ek, axis=-1, keepdims=True))
-    w = mx.clip(ratio, 1e-4, 1e4) ** 0.25
-    return w / mx.exp(mx.mean(mx.log(w), axis=-1, keepdims=True))
-
-
-def query_whitening(x: mx.array, q: mx.array, mean=None) -> mx.array:
-    """Matrices A per head minimising the score error of isotropic noise on A k: float32 (H, d, d).
-
-    With Sk, Sq the key and query second moments (shrunk toward isotropic),
-    A^T A = Sk^-1/2 (Sk^1/2 Sq Sk^1/2)^1/2 Sk^-1/2; A is its symmetric square root, det 1.
-    """
-    x = np.array(x.astype(mx.float32), dtype=np.float64)
-    if mean is not None:
-        x = x - np.array(mean, dtype=np.float64)[None, :, None, :]
-    q = np.array(q.astype(mx.float32), dtype=np.float64)
-
-    def moment(a):
-        n = a.shape[0] * a.shape[2]
-        a = a.transpose(1, 0, 2, 3).reshape(a.shape[1], -1, a.shape[3])
-        s = np.einsum("hnd,hne->hde", a, a) / a.shape[1]
-        iso = np.trace(s, axis1=1, axis2=2)[:, None, None] / s.shape[-1] * np.eye(s.shape[-1])
-        n0 = s.shape[-1]  # a d x d moment needs about d tokens before it is trusted
-        return (n * s + n0 * iso) / (n + n0)
-
-    def psd_pow(m, p):
-        w, v = np.linalg.eigh(m)
-        w = np.maximum(w, 1e-12 * w.max(axis=-1, keepdims=True))
-        return (v * w[..., None, :] ** p) @ np.swapaxes(v, -1, -2)
-
-    sk, sq = moment(x), moment(q)
-    sk_h, sk_ih = psd_pow(sk, 0.5), psd_pow(sk, -0.5)
-    ata = sk_ih @ psd_pow(sk_h @ sq @ sk_h, 0.5) @ sk_ih
-    a = psd_pow(ata, 0.5)
-    a /= np.exp(np.linalg.slogdet(a)[1] / a.shape[-1])[:, None, None]
-    return mx.array(a.astype(np.float32))
 
 
 def build_codec(spec: CodecSpec, cfg: CacheConfig, d: int, n_heads: int, layer: int, part: str,
