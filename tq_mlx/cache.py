@@ -26,6 +26,11 @@ class CacheStateError(ValueError):
     """A saved cache state that is corrupt, from another version, or from another config/model."""
 
 
+def _prefixed(d: dict, prefix: str) -> dict:
+    """The entries of d whose key starts with prefix, with the prefix removed."""
+    return {k[len(prefix):]: v for k, v in d.items() if k.startswith(prefix)}
+
+
 class TurboQuantKVCache(_BaseCache):
     """KV cache for one attention layer; keys/values arrive as (B, H, L, d) arrays."""
 
@@ -48,10 +53,9 @@ class TurboQuantKVCache(_BaseCache):
     # ---- storage -------------------------------------------------------
     def _build_codecs(self, keys, values, calib=None, queries=None):
         cfg, (_, h, dk, dv) = self.config, self.shape
-        ck = {k[2:]: v for k, v in (calib or {}).items() if k.startswith("k_")}
-        cv = {k[2:]: v for k, v in (calib or {}).items() if k.startswith("v_")}
-        self.k_codec = build_codec(cfg.keys, cfg, dk, h, self.layer, "k", keys, ck, queries)
-        self.v_codec = build_codec(cfg.values, cfg, dv, h, self.layer, "v", values, cv)
+        calib = calib or {}
+        self.k_codec = build_codec(cfg.keys, cfg, dk, h, self.layer, "k", keys, _prefixed(calib, "k_"), queries)
+        self.v_codec = build_codec(cfg.values, cfg, dv, h, self.layer, "v", values, _prefixed(calib, "v_"))
 
     def _needs_queries(self) -> bool:
         """Key codecs calibrated on queries are built at the first attention call, not at update."""
@@ -64,9 +68,11 @@ class TurboQuantKVCache(_BaseCache):
         queries: (B, H, M, dk) grouped per KV head, used once to calibrate the key codec.
         """
         move = self.fp.length - self._fp_budget(self._held())
-        if move <= 0:
-            return
-        front = self.fp.take_front(move)
+        if move > 0:
+            self._encode(self.fp.take_front(move), queries)
+
+    def _encode(self, front: dict, queries=None):
+        """Store float16 tokens {"k", "v"} (B, H, n, d), oldest first: sinks first, the rest as codes."""
         room = 0 if self.max_size is not None else self.config.fp_sink - self.sink.length
         if room > 0:
             self.sink.append({k: v[:, :, :room] for k, v in front.items()})
@@ -76,8 +82,9 @@ class TurboQuantKVCache(_BaseCache):
         keys, values = front["k"], front["v"]
         if self.k_codec is None:
             self._build_codecs(keys, values, queries=queries)
-        enc = {f"k_{n}": a for n, a in self.k_codec.encode(keys, "keys").items()}
-        enc.update({f"v_{n}": a for n, a in self.v_codec.encode(values, "values").items()})
+        # already validated by update_and_fetch
+        enc = {f"k_{n}": a for n, a in self.k_codec.encode(keys, "keys", validate=False).items()}
+        enc.update({f"v_{n}": a for n, a in self.v_codec.encode(values, "values", validate=False).items()})
         self.codes.append(enc)
 
     def _fp_budget(self, total: int) -> int:
@@ -121,9 +128,13 @@ class TurboQuantKVCache(_BaseCache):
         if self.max_size is not None:
             held = self._held()
             self._drop_front(held + n - self.max_size if n == 1 else held - self.max_size + 1)
-        self.fp.append({"k": keys.astype(mx.float16), "v": values.astype(mx.float16)})
-        if not self._needs_queries():
-            self.encode_pending()
+        new = {"k": keys.astype(mx.float16), "v": values.astype(mx.float16)}
+        if self.fp.length == 0 and not self._needs_queries() and self._fp_budget(self._held() + n) == 0:
+            self._encode(new)  # the usual decode step: straight to codes, no trip through the fp store
+        else:
+            self.fp.append(new)
+            if not self._needs_queries():
+                self.encode_pending()
         self.offset += n
         self.pending = True
         return keys, values
@@ -137,9 +148,7 @@ class TurboQuantKVCache(_BaseCache):
             out.append((FP16, FP16, {"x": view["k"]}, {"x": view["v"]}))
         if self.codes.length:
             view = self.codes.view()
-            ek = {k[2:]: v for k, v in view.items() if k.startswith("k_")}
-            ev = {k[2:]: v for k, v in view.items() if k.startswith("v_")}
-            out.append((self.k_codec, self.v_codec, ek, ev))
+            out.append((self.k_codec, self.v_codec, _prefixed(view, "k_"), _prefixed(view, "v_")))
         if self.fp.length:
             view = self.fp.view()
             out.append((FP16, FP16, {"x": view["k"]}, {"x": view["v"]}))
@@ -228,8 +237,7 @@ class TurboQuantKVCache(_BaseCache):
         self.max_size, self.keep = meta["max_size"], meta["keep"]
         self._clear()
         self.shape = tuple(meta["shape"]) if meta["shape"] else None
-        grab = lambda pre: {k[len(pre):]: v for k, v in st.items() if k.startswith(pre)}
-        codes, fp, sink, calib = grab("codes_"), grab("fp_"), grab("sink_"), grab("calib_")
+        codes, fp, sink, calib = (_prefixed(st, p) for p in ("codes_", "fp_", "sink_", "calib_"))
         for name, store, n in (("codes", codes, meta["n_codes"]), ("fp16 window", fp, meta["n_fp"]),
                                ("fp16 sinks", sink, meta["n_sink"])):
             bad = [k for k, v in store.items() if not isinstance(v, mx.array) or v.ndim < 3 or v.shape[2] != n]

@@ -106,11 +106,10 @@ def attention(cache, queries, scale, mask=None, sinks=None):
         raise ValueError("attention on an empty TurboQuantKVCache: call update_and_fetch first")
     if not kernels_enabled():
         return reference_attention(cache, queries, scale, mask, sinks)
-    if hasattr(cache, "encode_pending"):  # deferred encoding (query-calibrated key codecs), as the reference does
-        B, Hq, L, dk = queries.shape
-        H = cache.shape[1]
-        if Hq % H == 0:
-            cache.encode_pending((queries.astype(mx.float32) * scale).reshape(B, H, (Hq // H) * L, dk))
+    B, Hq, L, dk = queries.shape  # deferred encoding (query-calibrated key codecs), as the reference does
+    H = cache.shape[1]
+    if Hq % H == 0:
+        cache.encode_pending((queries.astype(mx.float32) * scale).reshape(B, H, (Hq // H) * L, dk))
     reason = unsupported_reason(cache, queries, mask)
     if reason is not None:
         _log_once(reason)

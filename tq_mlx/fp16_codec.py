@@ -9,7 +9,7 @@ class Float16Codec:
     side_nbytes = 0
     bits_per_element = 16.0
 
-    def encode(self, x: mx.array, what: str = "input") -> dict:
+    def encode(self, x: mx.array, what: str = "input", validate: bool = True) -> dict:
         return {"x": x.astype(mx.float16)}
 
     def decode(self, enc: dict) -> mx.array:

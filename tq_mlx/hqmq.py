@@ -150,18 +150,13 @@ class HQMQ:
         words = packed_words(self.chunks * self.code_bits, 1)
         return (32 * words + self._scale_bits() + self.max_outliers * (8 + 64)) / self.d
 
-    def _check(self, x, what):
-        if x.ndim != 4 or x.shape[1] != self.n_heads:
-            raise ValueError(f"{what} must have shape (B, {self.n_heads}, T, {self.d}), got {tuple(x.shape)}")
-        check_input(x, self.d, what)
-
     def _chunk_norms(self, x):
         xc = x.astype(mx.float32).reshape(*x.shape[:3], self.chunks, 4)
         return xc, mx.linalg.norm(xc, axis=-1)
 
     def calibrate(self, x: mx.array) -> mx.array:
         """Set `median` (float32 (H,)) to each head's median chunk norm over x (B, H, T, d); returns it."""
-        self._check(x, "calibration input")
+        check_input(x, self.d, "calibration input", self.n_heads)
         _, r = self._chunk_norms(x)
         flat = mx.sort(mx.swapaxes(r, 0, 1).reshape(self.n_heads, -1), axis=-1)
         n = flat.shape[-1]
@@ -210,9 +205,10 @@ class HQMQ:
         kept = (oidx[..., None] == mx.arange(self.chunks)).any(axis=-2)
         return oidx, oval.reshape(*oval.shape[:3], 4 * k), kept
 
-    def encode(self, x: mx.array, what: str = "input") -> dict:
+    def encode(self, x: mx.array, what: str = "input", validate: bool = True) -> dict:
         """Codes for x (B, H, T, d): a dict of arrays with leading dims (B, H, T)."""
-        self._check(x, what)
+        if validate:
+            check_input(x, self.d, what, self.n_heads)
         xc, r = self._chunk_norms(x)
         enc = {}
         kept = None

@@ -29,8 +29,11 @@ NORM_DTYPES = {"float16": mx.float16, "float32": mx.float32}
 QJL_KINDS = ("gaussian", "orthogonal")
 
 
-def check_input(x: mx.array, d: int, what: str = "input"):
-    """Reject a wrong trailing dim, a non-float dtype or non-finite values, with a clear message."""
+def check_input(x: mx.array, d: int, what: str = "input", n_heads=None):
+    """Reject a wrong shape (trailing dim d; (B, n_heads, T, d) when n_heads is given), a non-float
+    dtype or non-finite values, with a clear message."""
+    if n_heads is not None and (x.ndim != 4 or x.shape[1] != n_heads):
+        raise ValueError(f"{what} must have shape (B, {n_heads}, T, {d}), got {tuple(x.shape)}")
     if x.shape[-1] != d:
         raise ValueError(f"{what} has trailing dimension {x.shape[-1]}, this codec was built for d={d}")
     if not mx.issubdtype(x.dtype, mx.floating):
@@ -235,11 +238,13 @@ class TurboQuant:
     def _join(self, parts):
         return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
 
-    def encode(self, x: mx.array, what: str = "input") -> dict:
-        """Codes for x (B, H, T, d): a dict of arrays with leading dims (B, H, T)."""
-        if x.ndim != 4 or x.shape[1] != self.n_heads:
-            raise ValueError(f"{what} must have shape (B, {self.n_heads}, T, {self.d}), got {tuple(x.shape)}")
-        check_input(x, self.d, what)
+    def encode(self, x: mx.array, what: str = "input", validate: bool = True) -> dict:
+        """Codes for x (B, H, T, d): a dict of arrays with leading dims (B, H, T).
+
+        validate=False skips check_input, for callers (the cache) that already ran it.
+        """
+        if validate:
+            check_input(x, self.d, what, self.n_heads)
         x = x.astype(mx.float32)
         if self.mean is not None:
             x = x - self.mean[:, None, :]
