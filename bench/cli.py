@@ -1,8 +1,8 @@
 """tq-bench: speed, quality, needle-in-a-haystack and memory benchmarks of tq-mlx caches.
 
-    tq-bench quality --model smollm2-135m --text ../shared/data/persuasion.txt --tokens 512 --out bench/results
+    tq-bench quality --model smollm2-135m --text persuasion --tokens 512 --out bench/results
     tq-bench speed --contexts 1024,4096,16384 --out bench/results
-    tq-bench niah --text ../shared/data/persuasion.txt --out bench/results
+    tq-bench niah --text persuasion --out bench/results
     tq-bench memory --model gemma3-270m --out bench/results
 
 Each writes <out>/<command>-<model>.json (incrementally; --resume skips finished
@@ -52,7 +52,11 @@ def parser():
 
     sp = sub.add_parser("quality", help="perplexity, KL and top-1 agreement vs the fp cache")
     common(sp)
-    sp.add_argument("--text", required=True, help="a UTF-8 text file")
+    sp.add_argument(
+        "--text",
+        default="persuasion",
+        help="a shipped text (persuasion, pride_and_prejudice, mlx_lm_models) or a UTF-8 file (default: %(default)s)",
+    )
     sp.add_argument("--offset", type=int, default=20000, help="start character in the text")
     sp.add_argument("--tokens", type=int, default=512)
     sp.add_argument("--chunk", type=int, default=256)
@@ -60,7 +64,9 @@ def parser():
 
     sp = sub.add_parser("niah", help="needle-in-a-haystack retrieval grid")
     common(sp)
-    sp.add_argument("--text", required=True)
+    sp.add_argument(
+        "--text", default="persuasion", help="filler: a shipped text or a UTF-8 file (default: %(default)s)"
+    )
     sp.add_argument("--contexts", default="512,1024,2048")
     sp.add_argument("--depths", default="0.1,0.5,0.9")
     sp.add_argument("--chunk", type=int, default=512)
@@ -116,16 +122,25 @@ def _quality(args, base, presets, argv):
     model, tok = load(args.model)
     bos = "gemma" in getattr(model.args, "model_type", "")
     tokens = quality.text_tokens(tok, args.text, args.tokens, args.offset, bos=bos)
-    ctx = report.context(args.model, argv, text=str(args.text), offset=args.offset, tokens=len(tokens),
-                         chunk=args.chunk, seed=args.seed)
+    ctx = report.context(
+        args.model, argv, text=str(args.text), offset=args.offset, tokens=len(tokens), chunk=args.chunk, seed=args.seed
+    )
     res = report.Results(f"{base}.json", ctx, resume=args.resume)
     names = _list(args.baselines) + [p for p in presets if p not in _list(args.baselines)]
     try:
         quality.run(model, tokens, names, res, args.chunk, progress=not args.no_progress)
     finally:
-        md = report.write_md(f"{base}.md", f"Quality: {args.model}", ctx, [(
-            f"{len(tokens)} tokens, chunk {args.chunk}; * = Pareto front (bits per token vs mean KL)",
-            quality.table(res.entries))])
+        md = report.write_md(
+            f"{base}.md",
+            f"Quality: {args.model}",
+            ctx,
+            [
+                (
+                    f"{len(tokens)} tokens, chunk {args.chunk}; * = Pareto front (bits per token vs mean KL)",
+                    quality.table(res.entries),
+                )
+            ],
+        )
         png = quality.plot(res.entries, f"{base}.png", ctx)
     return [res.path, md, png]
 

@@ -55,8 +55,13 @@ class Affine:
         return {"w": w, "scales": s.astype(mx.float16), "biases": b.astype(mx.float16), "shape": x.shape}
 
     def decode(self, enc):
-        out = mx.dequantize(enc["w"], enc["scales"].astype(mx.float32), enc["biases"].astype(mx.float32),
-                            group_size=self.group_size, bits=self.bits)
+        out = mx.dequantize(
+            enc["w"],
+            enc["scales"].astype(mx.float32),
+            enc["biases"].astype(mx.float32),
+            group_size=self.group_size,
+            bits=self.bits,
+        )
         return out.reshape(enc["shape"])
 
 
@@ -68,26 +73,43 @@ def codec_jobs(d, max_bits):
     """(family, label, b, factory(x) -> codec) for one d; b is the code bits per coordinate."""
     jobs = []
     for b in range(1, max_bits + 1):
-        jobs.append(("TurboQuant_mse", f"mse b={b}", b,
-                     lambda x, b=b: TurboQuant(d, HEADS, b, norm_correction=False)))
-        jobs.append(("TurboQuant_mse + norm corr.", f"mse+nc b={b}", b,
-                     lambda x, b=b: TurboQuant(d, HEADS, b)))
+        jobs.append(("TurboQuant_mse", f"mse b={b}", b, lambda x, b=b: TurboQuant(d, HEADS, b, norm_correction=False)))
+        jobs.append(("TurboQuant_mse + norm corr.", f"mse+nc b={b}", b, lambda x, b=b: TurboQuant(d, HEADS, b)))
     for kind in ("gaussian", "orthogonal"):
         for b in range(1, 5):
-            jobs.append((f"TurboQuant_prod ({kind} QJL)", f"prod-{kind[:5]} b={b}", b,
-                         lambda x, b=b, k=kind: TurboQuant(d, HEADS, b, qjl=True, qjl_kind=k, norm_correction=False)))
+            jobs.append(
+                (
+                    f"TurboQuant_prod ({kind} QJL)",
+                    f"prod-{kind[:5]} b={b}",
+                    b,
+                    lambda x, b=b, k=kind: TurboQuant(d, HEADS, b, qjl=True, qjl_kind=k, norm_correction=False),
+                )
+            )
     splits = [(bits, *split_sizes(bits, d)) for bits in (2.5, 3.5)]
     splits.append((2.25, [d // 4, d - d // 4], [3, 2]))  # the paper's "2.5 bits": 32@3 + 96@2 at d=128
     for bits, sizes, seg_bits in splits:
         label = f"split {sizes[0]}@{seg_bits[0]}+{sizes[1]}@{seg_bits[1]}"
-        jobs.append(("outlier split", label, bits,
-                     lambda x, s=sizes, sb=seg_bits: TurboQuant(d, HEADS, sb, s, perm=outlier_channels(x, s[0]),
-                                                                norm_correction=False)))
+        jobs.append(
+            (
+                "outlier split",
+                label,
+                bits,
+                lambda x, s=sizes, sb=seg_bits: TurboQuant(
+                    d, HEADS, sb, s, perm=outlier_channels(x), norm_correction=False
+                ),
+            )
+        )
     for name, (s, r) in HQMQ_CONFIGS.items():
         b = (math.log2(24 * s) + r) / 4
         for k in (0, 2):
-            jobs.append((f"HQMQ ({k} outlier slots)", f"hqmq {name} K={k}", b,
-                         lambda x, n=name, k=k: HQMQ(d, HEADS, n, max_outliers=k)))
+            jobs.append(
+                (
+                    f"HQMQ ({k} outlier slots)",
+                    f"hqmq {name} K={k}",
+                    b,
+                    lambda x, n=name, k=k: HQMQ(d, HEADS, n, max_outliers=k),
+                )
+            )
     for gs in sorted({64, min(d, 128)}):
         for b in (2, 3, 4, 5, 6, 8):
             jobs.append((f"mx.quantize affine g{gs}", f"affine g{gs} b={b}", b, lambda x, b=b, g=gs: Affine(d, b, g)))
@@ -151,10 +173,36 @@ def run(out_dir, dims=(64, 128, 256), n=8192, max_bits=6, seed=0, argv=None):
     return rows
 
 
-COLS = ["codec", "b", "bits", "stored_bits", "d_mse", "exact_mse", "paper_mse", "d_prod_x_d", "paper_prod_x_d",
-        "lower", "upper", "encode_vps", "decode_vps"]
-HEADERS = ["codec", "b (code bits)", "bits/elem", "stored bits/elem", "D_mse", "exact Lloyd-Max", "paper D_mse",
-           "d·D_prod", "paper d·D_prod", "4^-b", "2.72·4^-b", "encode vec/s", "decode vec/s"]
+COLS = [
+    "codec",
+    "b",
+    "bits",
+    "stored_bits",
+    "d_mse",
+    "exact_mse",
+    "paper_mse",
+    "d_prod_x_d",
+    "paper_prod_x_d",
+    "lower",
+    "upper",
+    "encode_vps",
+    "decode_vps",
+]
+HEADERS = [
+    "codec",
+    "b (code bits)",
+    "bits/elem",
+    "stored bits/elem",
+    "D_mse",
+    "exact Lloyd-Max",
+    "paper D_mse",
+    "d·D_prod",
+    "paper d·D_prod",
+    "4^-b",
+    "2.72·4^-b",
+    "encode vec/s",
+    "decode vec/s",
+]
 
 NOTES = """\
 - Unit vectors, uniform on the sphere; y independent.  b = code bits per coordinate; "bits/elem" adds the
@@ -204,8 +252,9 @@ def plot(path, ctx, rows, dims):
     bs = np.linspace(1, 8.5, 50)
     for col, d in enumerate(dims):
         sub = [r for r in rows if r["d"] == d]
-        for row, (ykey, upper, paper, name) in enumerate([("d_mse", UPPER, PAPER_MSE, "D_mse"),
-                                                           ("d_prod_x_d", UPPER_PROD, PAPER_PROD, "d · D_prod")]):
+        for row, (ykey, upper, paper, name) in enumerate(
+            [("d_mse", UPPER, PAPER_MSE, "D_mse"), ("d_prod_x_d", UPPER_PROD, PAPER_PROD, "d · D_prod")]
+        ):
             ax = axes[row][col]
             _panel(ax, sub, families, colors, "b", ykey, skip=("HQMQ (2",))  # K=2 codes equal K=0 here
             ax.plot(bs, 4.0**-bs, "k:", lw=1, label="lower bound 4^-b")
@@ -215,8 +264,11 @@ def plot(path, ctx, rows, dims):
         ax = axes[2][col]
         _panel(ax, sub, families, colors, "stored_bits", "d_mse")
         ax.plot(bs, 4.0**-bs, "k:", lw=1)
-        ax.set(xlabel="bits per element as stored (norms, scales, outlier slots included)", ylabel="D_mse",
-               title=f"D_mse against stored bits, d = {d}")
+        ax.set(
+            xlabel="bits per element as stored (norms, scales, outlier slots included)",
+            ylabel="D_mse",
+            title=f"D_mse against stored bits, d = {d}",
+        )
     legend = {}
     for ax in axes.ravel():
         for handle, label in zip(*ax.get_legend_handles_labels()):

@@ -4,7 +4,7 @@ Times one layer's decode step (one query token, Llama-3.1-8B-like shapes by defa
 32 query heads, 8 KV heads, head_dim 128) for
 - fp16: mx.fast.scaled_dot_product_attention on float16 K/V;
 - affine4 / affine8: mlx-lm's quantized_scaled_dot_product_attention (group size 64);
-- TurboQuant presets: tq_mlx.dispatch.attention on a TurboQuantKVCache holding the
+- TurboQuant presets: tq_mlx.attention.attention on a TurboQuantKVCache holding the
   context as codes (the Metal kernels on a Metal back-end, the reference path elsewhere).
 For each it reports the bytes of KV read per step and the implied bandwidth; with a peak
 bandwidth (--peak-gbps, or the chip table below on a Metal back-end) the implied fraction of it.
@@ -25,16 +25,31 @@ from pathlib import Path
 import mlx.core as mx
 
 PEAK_GBPS = {  # unified-memory bandwidth by chip name fragment (field notes, section 4)
-    "M1 Ultra": 800, "M2 Ultra": 800, "M1 Max": 400, "M2 Max": 400, "M3 Max": 400, "M4 Max": 546,
-    "M1 Pro": 200, "M2 Pro": 200, "M3 Pro": 150, "M4 Pro": 273, "M1": 68, "M2": 100, "M3": 100,
-    "M4": 120, "M5": 153,
+    "M1 Ultra": 800,
+    "M2 Ultra": 800,
+    "M1 Max": 400,
+    "M2 Max": 400,
+    "M3 Max": 400,
+    "M4 Max": 546,
+    "M1 Pro": 200,
+    "M2 Pro": 200,
+    "M3 Pro": 150,
+    "M4 Pro": 273,
+    "M1": 68,
+    "M2": 100,
+    "M3": 100,
+    "M4": 120,
+    "M5": 153,
 }
 
 
 def _context():
     info = {
-        "machine": platform.platform(), "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(), "mlx": mx.__version__, "command": " ".join(sys.argv),
+        "machine": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "mlx": mx.__version__,
+        "command": " ".join(sys.argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "backend": "metal" if mx.metal.is_available() else "cpu",
     }
@@ -46,8 +61,9 @@ def _context():
         pass
     if info["backend"] == "metal":
         try:
-            info["device"] = {k: (v if isinstance(v, (int, float, str)) else str(v))
-                              for k, v in mx.metal.device_info().items()}
+            info["device"] = {
+                k: (v if isinstance(v, (int, float, str)) else str(v)) for k, v in mx.metal.device_info().items()
+            }
         except Exception:  # noqa: BLE001
             pass
     return info
@@ -85,10 +101,12 @@ def bench_context(T, args):
     from mlx_lm.models.base import quantized_scaled_dot_product_attention
 
     import tq_mlx
-    from tq_mlx import dispatch
+    from tq_mlx.attention import attention
+
+    from .quality import settle
 
     Hq, H, D = args.q_heads, args.kv_heads, args.head_dim
-    scale = D ** -0.5
+    scale = D**-0.5
     mx.random.seed(T)
     k = mx.random.normal((1, H, T, D)).astype(mx.float16)
     v = mx.random.normal((1, H, T, D)).astype(mx.float16)
@@ -104,20 +122,22 @@ def bench_context(T, args):
     for bits in args.affine:
         qk, qv = mx.quantize(k, group_size=64, bits=bits), mx.quantize(v, group_size=64, bits=bits)
         mx.eval(qk, qv)
-        add(f"affine{bits}", lambda: quantized_scaled_dot_product_attention(q, qk, qv, scale, None, 64, bits),
-            _nbytes([*qk, *qv]))
+        add(
+            f"affine{bits}",
+            lambda qk=qk, qv=qv, bits=bits: quantized_scaled_dot_product_attention(q, qk, qv, scale, None, 64, bits),
+            _nbytes([*qk, *qv]),
+        )
         del qk, qv
     for preset in args.presets:
         cache = tq_mlx.TurboQuantKVCache(tq_mlx.resolve_config(preset, fp_window=0))
-        for s in range(0, T, 4096):  # encode in chunks (bounded temporary memory)
-            cache.update_and_fetch(k[:, :, s: s + 4096], v[:, :, s: s + 4096])
-            mx.eval(*cache.codes.buffers.values())
+        for s in range(0, T, 4096):  # encode in chunks (bounded temporary memory), attention after each
+            cache.update_and_fetch(k[:, :, s : s + 4096], v[:, :, s : s + 4096])
+            settle(cache, Hq)
 
         def step(cache=cache):
-            return dispatch.attention(cache, q, scale)
+            return attention(cache, q, scale)
 
-        mx.eval(step())  # the first attention call encodes deferred tokens (query-calibrated key codecs)
-        nbytes = _nbytes([a for _, _, ek, ev in cache.parts() for a in (*ek.values(), *ev.values())])
+        nbytes = _nbytes([a for b in cache.blocks() for a in (*b.k.values(), *b.v.values())])
 
         add(f"tq-{preset}", step, nbytes)
         del cache
@@ -127,8 +147,9 @@ def bench_context(T, args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--min-context", type=int, default=1024)
-    p.add_argument("--max-context", type=int, default=None,
-                   help="largest context (default 131072 with Metal, 8192 without)")
+    p.add_argument(
+        "--max-context", type=int, default=None, help="largest context (default 131072 with Metal, 8192 without)"
+    )
     p.add_argument("--presets", nargs="+", default=["k4v4", "k4v3", "k8v4"])
     p.add_argument("--affine", nargs="*", type=int, default=[4, 8])
     p.add_argument("--q-heads", type=int, default=32)
@@ -145,8 +166,10 @@ def main(argv=None):
     if args.max_context is None:
         args.max_context = 131072 if metal else 8192
     if not metal:
-        print("No Metal back-end here: the Metal kernels cannot run. Timing the CPU implementations "
-              "instead (TurboQuant through the reference path); these are CPU figures, not Metal ones.")
+        print(
+            "No Metal back-end here: the Metal kernels cannot run. Timing the CPU implementations "
+            "instead (TurboQuant through the reference path); these are CPU figures, not Metal ones."
+        )
     peak = _peak(ctx, args.peak_gbps)
     contexts, T = [], args.min_context
     while T <= args.max_context:
@@ -160,14 +183,19 @@ def main(argv=None):
             r["fraction_of_peak"] = r["gbps"] / peak if peak else None
             rows.append(r)
             frac = f"  {100 * r['fraction_of_peak']:6.1f}%" if peak else ""
-            print(f"{r['method']:>12} {T:>8} {1e3 * r['seconds']:9.3f} {r['kv_bytes'] / 1e6:8.2f} {r['gbps']:7.2f}{frac}",
-                  flush=True)
+            print(
+                f"{r['method']:>12} {T:>8} {1e3 * r['seconds']:9.3f} {r['kv_bytes'] / 1e6:8.2f} {r['gbps']:7.2f}{frac}",
+                flush=True,
+            )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     shapes = {"q_heads": args.q_heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim, "batch": 1}
     tq_path = "metal kernels" if metal else "reference path (MLX ops on the CPU)"
-    out.write_text(json.dumps({"context": {**ctx, "peak_gbps": peak, "shapes": shapes, "tq_path": tq_path},
-                               "results": rows}, indent=1))
+    out.write_text(
+        json.dumps(
+            {"context": {**ctx, "peak_gbps": peak, "shapes": shapes, "tq_path": tq_path}, "results": rows}, indent=1
+        )
+    )
     print(f"wrote {out}")
     if not args.no_png:
         try:
@@ -184,8 +212,11 @@ def main(argv=None):
             ax.set_yscale("log")
             ax.set_xlabel("context (tokens)")
             ax.set_ylabel("decode attention per layer (ms)")
-            ax.set_title(f"{ctx['backend']} back-end ({'measured Metal' if metal else 'CPU only, no Metal'}), "
-                         f"Hq={args.q_heads} H={args.kv_heads} d={args.head_dim}", fontsize=9)
+            ax.set_title(
+                f"{ctx['backend']} back-end ({'measured Metal' if metal else 'CPU only, no Metal'}), "
+                f"Hq={args.q_heads} H={args.kv_heads} d={args.head_dim}",
+                fontsize=9,
+            )
             ax.legend(fontsize=8)
             fig.tight_layout()
             fig.savefig(out.with_suffix(".png"), dpi=120)

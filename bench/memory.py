@@ -10,7 +10,6 @@ Allocated sizes round the code and window stores up to their growth step (tq_mlx
 store is exactly sized.
 """
 
-import inspect
 import json
 import math
 from pathlib import Path
@@ -19,7 +18,7 @@ import mlx.core as mx
 from mlx_lm.models import cache as mlx_cache
 
 import tq_mlx
-from tq_mlx.codec_factory import build_codec, calibration_state
+from tq_mlx.codec_factory import Calibration, build_codec
 from tq_mlx.store import STEP
 
 from . import quality, report
@@ -45,8 +44,7 @@ def layers_from_config(cfg: dict):
 
 
 def layers_from_model(model):
-    kinds = [c.max_size if type(c) is mlx_cache.RotatingKVCache else None
-             for c in mlx_cache.make_prompt_cache(model)]
+    kinds = [c.max_size if type(c) is mlx_cache.RotatingKVCache else None for c in mlx_cache.make_prompt_cache(model)]
     return kinds, quality.kv_dims(model)
 
 
@@ -57,9 +55,8 @@ def _ceil(n, step):
 def codec_cost(spec, cfg, h, d, layer, part):
     """Bytes per token over all heads of one codec: what its `encode` returns for one token."""
     x = mx.random.normal((1, h, 32, d))
-    kw = {"calib_q": mx.random.normal((1, h, 1, d))} if "calib_q" in inspect.signature(build_codec).parameters else {}
-    codec = build_codec(spec, cfg, d, h, layer, part, x, **kw)
-    return sum(a.nbytes for a in codec.encode(x[:, :, :1], part).values())
+    codec = build_codec(spec, cfg, d, h, layer, part, Calibration(x, mx.random.normal((1, h, 1, d))))
+    return sum(a.nbytes for a in codec.encode(x[:, :, :1]).values())
 
 
 def layer_constant(cfg, layer, h, d, window=None):
@@ -109,8 +106,10 @@ def total_bytes(layers, context: int, allocated: bool = True) -> int:
         n = context if w is None else min(context, w)
         s = min(sink, n)
         step = STEP if kind == "tq" else mlx_cache.KVCache.step
-        up = (lambda m: _ceil(m, step)) if allocated and not (kind == "fp" and w is not None) else (lambda m: m)
-        tot += up(n - s) * tok + s * sink_tok + const
+        held = n - s
+        if allocated and not (kind == "fp" and w is not None):
+            held = _ceil(held, step)
+        tot += held * tok + s * sink_tok + const
     return tot
 
 
@@ -153,9 +152,18 @@ def main(args, base, presets, argv):
         model, _ = load(args.model)
         kinds, (h, d) = layers_from_model(model)
     contexts = [int(c[:-1]) * 1024 if c.lower().endswith("k") else int(c) for c in args.contexts.split(",")]
-    ctx = report.context(args.model, argv, layers=len(kinds), kv_heads=h, head_dim=d,
-                         sliding=[w for w in kinds], fp_dtype=args.fp_dtype, boundary_layers=args.boundary_layers, check_context=args.check_context,
-                         seed=args.seed)
+    ctx = report.context(
+        args.model,
+        argv,
+        layers=len(kinds),
+        kv_heads=h,
+        head_dim=d,
+        sliding=[w for w in kinds],
+        fp_dtype=args.fp_dtype,
+        boundary_layers=args.boundary_layers,
+        check_context=args.check_context,
+        seed=args.seed,
+    )
     res = report.Results(f"{base}.json", ctx, resume=args.resume)
     names = ["fp", "affine8", "affine4"] + presets
     fp_total = {c: total_bytes(layer_model("fp", kinds, h, d, fp_bytes), c, allocated=False) for c in contexts}
@@ -174,8 +182,7 @@ def main(args, base, presets, argv):
                 rec["ratio_vs_fp"] = {str(c): fp_total[c] / rec["total"][str(c)] for c in contexts}
                 rec["model_allocated"] = total_bytes(lm, args.check_context)
                 try:
-                    rec["measured"] = measure(model, name, kinds, h, d, args.check_context, dtype,
-                                              args.boundary_layers)
+                    rec["measured"] = measure(model, name, kinds, h, d, args.check_context, dtype, args.boundary_layers)
                     rec["match"] = rec["measured"] == rec["model_allocated"]
                 except Exception as e:
                     rec["measure_error"] = f"{type(e).__name__}: {e}"[:300]
@@ -194,27 +201,51 @@ def _mb(b):
 def write(res, base, contexts, ctx):
     rows = []
     for r in res.entries.values():
-        row = {"name": r["name"], "bpe": r.get("bpe"), "const_kb": (r.get("const_bytes") or 0) / 1024,
-               "check": ("ok" if r.get("match") else "MISMATCH") if "match" in r else r.get("measure_error", r.get("error")),
-               "model_mb": _mb(r.get("model_allocated")), "measured_mb": _mb(r.get("measured"))}
+        row = {
+            "name": r["name"],
+            "bpe": r.get("bpe"),
+            "const_kb": (r.get("const_bytes") or 0) / 1024,
+            "check": ("ok" if r.get("match") else "MISMATCH")
+            if "match" in r
+            else r.get("measure_error", r.get("error")),
+            "model_mb": _mb(r.get("model_allocated")),
+            "measured_mb": _mb(r.get("measured")),
+        }
         for c in contexts:
             row[f"mb{c}"] = _mb(r.get("total", {}).get(str(c)))
             row[f"x{c}"] = r.get("ratio_vs_fp", {}).get(str(c))
         rows.append(row)
     cols = ["name", "bpe", "const_kb"] + [f"mb{c}" for c in contexts] + [f"x{contexts[-1]}"]
-    heads = ["cache", "bits/elem (quantized layers)", "constants KiB"] + [f"MiB @ {c}" for c in contexts] + \
-        [f"vs fp @ {contexts[-1]}"]
-    chk = report.md_table(rows, ["name", "model_mb", "measured_mb", "check"],
-                          ["cache", f"model MiB @ {ctx.get('check_context', '')}", "measured nbytes MiB", "check"])
-    md = report.write_md(f"{base}.md", f"KV memory: {ctx.get('model')}", ctx, [
-        (f"Modelled cache size (fp layers at {ctx['fp_dtype']})", report.md_table(rows, cols, heads)),
-        (f"Model vs measured nbytes (allocated, {STEP}-token steps)", chk)])
+    heads = (
+        ["cache", "bits/elem (quantized layers)", "constants KiB"]
+        + [f"MiB @ {c}" for c in contexts]
+        + [f"vs fp @ {contexts[-1]}"]
+    )
+    chk = report.md_table(
+        rows,
+        ["name", "model_mb", "measured_mb", "check"],
+        ["cache", f"model MiB @ {ctx.get('check_context', '')}", "measured nbytes MiB", "check"],
+    )
+    md = report.write_md(
+        f"{base}.md",
+        f"KV memory: {ctx.get('model')}",
+        ctx,
+        [
+            (f"Modelled cache size (fp layers at {ctx['fp_dtype']})", report.md_table(rows, cols, heads)),
+            (f"Model vs measured nbytes (allocated, {STEP}-token steps)", chk),
+        ],
+    )
     plt = report.plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in res.entries.values():
         if "total" in r:
-            ax.plot(contexts, [r["total"][str(c)] / 2**20 for c in contexts], marker=".", label=r["name"],
-                    ls="--" if r["name"] in quality.BASELINES else "-")
+            ax.plot(
+                contexts,
+                [r["total"][str(c)] / 2**20 for c in contexts],
+                marker=".",
+                label=r["name"],
+                ls="--" if r["name"] in quality.BASELINES else "-",
+            )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("context (tokens)")

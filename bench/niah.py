@@ -10,10 +10,12 @@ import random
 
 import mlx.core as mx
 
-from . import quality, report
+from . import quality, report, texts
 
 NEEDLE = " The secret pass-code for the blue vault is {code}. Remember it: {code}."
-CUE = "\n\nQuestion: what is the secret pass-code for the blue vault?\nAnswer: The secret pass-code for the blue vault is"
+CUE = (
+    "\n\nQuestion: what is the secret pass-code for the blue vault?\nAnswer: The secret pass-code for the blue vault is"
+)
 
 
 def make_code(rng) -> str:
@@ -49,7 +51,7 @@ def answer(model, tok, prompt, cache, chunk=512, max_tokens=10) -> str:
 
 
 def filler(tok, path, n, code_pattern="pass-code"):
-    text = open(path, encoding="utf-8", errors="replace").read()
+    text = texts.resolve(path).read_text(encoding="utf-8", errors="replace")
     assert code_pattern not in text and "blue vault" not in text, "the needle occurs in the filler text"
     ids = list(tok.encode(text[: 8 * n + 1000]))
     return text, ids
@@ -67,8 +69,17 @@ def main(args, base, presets, argv):
     names = [b for b in args.baselines.split(",") if b] + presets
     text, ids = filler(tok, args.text, max(contexts))
     rng = random.Random(args.seed)
-    ctx = report.context(args.model, argv, text=str(args.text), contexts=contexts, depths=depths,
-                         needle=NEEDLE, cue=CUE, chunk=args.chunk, seed=args.seed)
+    ctx = report.context(
+        args.model,
+        argv,
+        text=str(args.text),
+        contexts=contexts,
+        depths=depths,
+        needle=NEEDLE,
+        cue=CUE,
+        chunk=args.chunk,
+        seed=args.seed,
+    )
     res = report.Results(f"{base}.json", ctx, resume=args.resume)
     jobs = []
     for n in contexts:
@@ -109,9 +120,17 @@ def write(res, base, contexts, depths, names, ctx):
             row[str(n)] = "".join("-" if "correct" not in c else ("Y" if c["correct"] else "n") for c in cells)
         rows.append(row)
     cols = ["name", "acc"] + [str(n) for n in contexts]
-    md = report.write_md(f"{base}.md", f"Needle in a haystack: {ctx.get('model')}", ctx, [(
-        f"Retrieval per context; one letter per depth {depths} (Y found, n missed, - not run)",
-        report.md_table(rows, cols, ["cache", "accuracy"] + [f"{n} tok" for n in contexts]))])
+    md = report.write_md(
+        f"{base}.md",
+        f"Needle in a haystack: {ctx.get('model')}",
+        ctx,
+        [
+            (
+                f"Retrieval per context; one letter per depth {depths} (Y found, n missed, - not run)",
+                report.md_table(rows, cols, ["cache", "accuracy"] + [f"{n} tok" for n in contexts]),
+            )
+        ],
+    )
     plt = report.plt()
     k = len(names)
     fig, axes = plt.subplots(1, k, figsize=(2.2 * k + 1, 2.8), squeeze=False)

@@ -12,7 +12,7 @@ from mlx_lm.models import cache as mlx_cache
 
 import tq_mlx
 
-from . import report
+from . import report, texts
 
 AFFINE = {"affine8": 8, "affine4": 4, "affine3": 3, "affine2": 2}
 BASELINES = ["fp", *AFFINE]
@@ -55,8 +55,10 @@ def make_cache(model, name: str, **overrides):
         return mlx_cache.make_prompt_cache(model)
     if name in AFFINE:
         base = mlx_cache.make_prompt_cache(model)
-        return [mlx_cache.QuantizedKVCache(group_size=64, bits=AFFINE[name]) if type(c) is mlx_cache.KVCache
-                else c for c in base]
+        return [
+            mlx_cache.QuantizedKVCache(group_size=64, bits=AFFINE[name]) if type(c) is mlx_cache.KVCache else c
+            for c in base
+        ]
     return tq_mlx.make_prompt_cache(model, name, **overrides)
 
 
@@ -111,7 +113,7 @@ def settle(c, hq: int = None):
     """After a direct update_and_fetch: one attention call with random queries, so a cache that defers
     encoding until it sees queries (query-calibrated key codecs) encodes, and `pending` clears."""
     if isinstance(c, tq_mlx.TurboQuantKVCache):
-        from tq_mlx.dispatch import attention
+        from tq_mlx.attention import attention
 
         _, h, dk, _ = c.shape
         q = mx.random.normal((1, hq or h, 1, dk))
@@ -139,7 +141,7 @@ def marginal_bits(name: str, heads: int, d: int) -> float:
 
 # ---- the sweep ------------------------------------------------------------
 def text_tokens(tok, path, n: int, offset: int = 20000, bos: bool = False):
-    text = open(path, encoding="utf-8", errors="replace").read()
+    text = texts.resolve(path).read_text(encoding="utf-8", errors="replace")
     if offset >= len(text):
         offset = 0
     ids = list(tok.encode(text[offset : offset + 12 * n + 100]))
@@ -204,19 +206,32 @@ def md_table_sorted(rows, cols):
 def plot(entries, path, ctx):
     """KL against bits per element (log y), Pareto front marked."""
     plt = report.plt()
-    rows = [r for r in entries.values()
-            if r.get("kl_mean") is not None and r.get("bpe_marginal") is not None and r["name"] != "fp"]
+    rows = [
+        r
+        for r in entries.values()
+        if r.get("kl_mean") is not None and r.get("bpe_marginal") is not None and r["name"] != "fp"
+    ]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
         mine = r["name"] not in AFFINE
-        ax.scatter(r["bpe_marginal"], max(r["kl_mean"], 1e-6), c="C0" if mine else "C1",
-                   marker="o" if mine else "s")
-        ax.annotate(r["name"], (r["bpe_marginal"], max(r["kl_mean"], 1e-6)), fontsize=7,
-                    xytext=(3, 3), textcoords="offset points")
+        ax.scatter(r["bpe_marginal"], max(r["kl_mean"], 1e-6), c="C0" if mine else "C1", marker="o" if mine else "s")
+        ax.annotate(
+            r["name"],
+            (r["bpe_marginal"], max(r["kl_mean"], 1e-6)),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
     front = [r for r in sorted(rows, key=lambda r: r["bpe_marginal"]) if r["name"] in pareto(rows)]
     if front:
-        ax.step([r["bpe_marginal"] for r in front], [max(r["kl_mean"], 1e-6) for r in front], "k--", lw=0.8,
-                where="post", label="Pareto front")
+        ax.step(
+            [r["bpe_marginal"] for r in front],
+            [max(r["kl_mean"], 1e-6) for r in front],
+            "k--",
+            lw=0.8,
+            where="post",
+            label="Pareto front",
+        )
     ax.scatter([], [], c="C0", marker="o", label="tq-mlx presets")
     ax.scatter([], [], c="C1", marker="s", label="mlx-lm affine (group 64)")
     ax.set_yscale("log")

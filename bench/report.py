@@ -43,8 +43,10 @@ def backend() -> str:
 def warn_blas():
     """Warn when a Linux CPU run is not using OpenBLAS (the bundled reference BLAS is ~10x slower)."""
     if sys.platform.startswith("linux") and backend() == "cpu" and not blas_info()["openblas_loaded"]:
-        msg = (f"OpenBLAS is not preloaded: MLX's bundled reference BLAS is about 10x slower here. "
-               f"Run with LD_PRELOAD={OPENBLAS}")
+        msg = (
+            f"OpenBLAS is not preloaded: MLX's bundled reference BLAS is about 10x slower here. "
+            f"Run with LD_PRELOAD={OPENBLAS}"
+        )
         warnings.warn(msg, stacklevel=2)
         return msg
     return None
@@ -53,8 +55,9 @@ def warn_blas():
 def _git_commit() -> str:
     try:
         root = Path(__file__).resolve().parent.parent
-        return subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=5).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
     except Exception:
         return ""
 
@@ -140,8 +143,9 @@ class Results:
 
     def write(self):
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"context": self.ctx, **self.extra, "entries": self.entries}, indent=1,
-                                  default=_jsonable))
+        tmp.write_text(
+            json.dumps({"context": self.ctx, **self.extra, "entries": self.entries}, indent=1, default=_jsonable)
+        )
         tmp.replace(self.path)
 
 
@@ -179,12 +183,14 @@ def md_table(rows, cols, headers=None) -> str:
 def context_md(ctx: dict) -> str:
     b = ctx.get("blas", {})
     blas = "OpenBLAS (preloaded)" if b.get("openblas_loaded") else "MLX bundled reference BLAS"
-    return "\n".join([
-        f"- machine: {ctx.get('machine')}",
-        f"- MLX {ctx.get('mlx')} ({ctx.get('backend')}), mlx-lm {ctx.get('mlx_lm')}, BLAS: {blas}",
-        f"- model: {ctx.get('model')}; git {ctx.get('git')}; {ctx.get('time')}",
-        f"- command: `{ctx.get('command')}`",
-    ])
+    return "\n".join(
+        [
+            f"- machine: {ctx.get('machine')}",
+            f"- MLX {ctx.get('mlx')} ({ctx.get('backend')}), mlx-lm {ctx.get('mlx_lm')}, BLAS: {blas}",
+            f"- model: {ctx.get('model')}; git {ctx.get('git')}; {ctx.get('time')}",
+            f"- command: `{ctx.get('command')}`",
+        ]
+    )
 
 
 def write_md(path, title: str, ctx: dict, sections) -> Path:

@@ -15,7 +15,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.base import quantized_scaled_dot_product_attention
 
 import tq_mlx
-from tq_mlx.dispatch import attention
+from tq_mlx.attention import attention
 
 from . import quality, report
 
@@ -88,19 +88,27 @@ def attention_ms(name, n, hq, h, d, reps=5):
     q = mx.random.normal((1, hq, 1, d))
     kv = mx.random.normal((1, h, n, d))
     if name == "fp":
-        fn = lambda: mx.eval(mx.fast.scaled_dot_product_attention(q, kv, kv, scale=scale))
+
+        def fn():
+            return mx.eval(mx.fast.scaled_dot_product_attention(q, kv, kv, scale=scale))
     elif name in quality.AFFINE:
         b = quality.AFFINE[name]
         qk = mx.quantize(kv, group_size=64, bits=b)
         mx.eval(qk)
-        fn = lambda: mx.eval(quantized_scaled_dot_product_attention(q, qk, qk, scale=scale, mask=None,
-                                                                    group_size=64, bits=b))
+
+        def fn():
+            return mx.eval(
+                quantized_scaled_dot_product_attention(q, qk, qk, scale=scale, mask=None, group_size=64, bits=b)
+            )
     else:
         c = tq_mlx.TurboQuantKVCache(name)
         c.update_and_fetch(kv, kv)
         quality.settle(c, hq)
         mx.eval(_arrays(c))
-        fn = lambda: mx.eval(attention(c, q, scale, None))
+
+        def fn():
+            return mx.eval(attention(c, q, scale, None))
+
     return _ms(fn, reps)
 
 
@@ -115,10 +123,17 @@ def main(args, base, presets, argv):
     hq = model.args.num_attention_heads
     contexts = [c for c in (_n(x) for x in args.contexts.split(",")) if c <= args.max_context]
     names = [b for b in args.baselines.split(",") if b] + presets
-    ctx = report.context(args.model, argv, contexts=contexts, steps=args.steps, prefill_max=args.prefill_max,
-                         decode_fill="each layer filled directly with random K/V of the context length "
-                                     "(sliding layers: their window); the model then decodes real steps",
-                         model_dtype=str(dtype), seed=args.seed)
+    ctx = report.context(
+        args.model,
+        argv,
+        contexts=contexts,
+        steps=args.steps,
+        prefill_max=args.prefill_max,
+        decode_fill="each layer filled directly with random K/V of the context length "
+        "(sliding layers: their window); the model then decodes real steps",
+        model_dtype=str(dtype),
+        seed=args.seed,
+    )
     res = report.Results(f"{base}.json", ctx, resume=args.resume)
     jobs = [(n, name) for n in contexts for name in names]
     try:
@@ -128,10 +143,14 @@ def main(args, base, presets, argv):
                 continue
             rec = {"name": name, "context": n}
             for what, fn in (
-                ("attn_ms", None if args.no_attention else lambda: attention_ms(name, n, hq, h, d)),
-                ("decode", None if args.no_model else lambda: decode(model, name, n, args.steps, dtype)),
-                ("prefill_tok_s", lambda: prefill(model, name, n) if not args.no_model and n <= args.prefill_max
-                 else None),
+                ("attn_ms", None if args.no_attention else lambda name=name, n=n: attention_ms(name, n, hq, h, d)),
+                ("decode", None if args.no_model else lambda name=name, n=n: decode(model, name, n, args.steps, dtype)),
+                (
+                    "prefill_tok_s",
+                    lambda name=name, n=n: (
+                        prefill(model, name, n) if not args.no_model and n <= args.prefill_max else None
+                    ),
+                ),
             ):
                 if fn is None:
                     continue
@@ -158,8 +177,12 @@ def ratios(entries):
     for r in entries.values():
         fp = entries.get(f"fp@{r['context']}", {})
         r = dict(r)
-        for k, rk in (("decode_ms", "decode_x"), ("attn_ms", "attn_x"), ("kv_bytes", "kv_x"),
-                      ("prefill_tok_s", "prefill_x")):
+        for k, rk in (
+            ("decode_ms", "decode_x"),
+            ("attn_ms", "attn_x"),
+            ("kv_bytes", "kv_x"),
+            ("prefill_tok_s", "prefill_x"),
+        ):
             if r.get(k) and fp.get(k):
                 r[rk] = r[k] / fp[k]
         if r.get("kv_bytes"):
@@ -170,19 +193,53 @@ def ratios(entries):
 
 def write(res, base, contexts, names, ctx):
     rows = ratios(res.entries)
-    cols = ["name", "context", "decode_ms", "decode_x", "attn_ms", "attn_x", "prefill_tok_s", "kv_mb", "kv_x",
-            "peak_mb", "error"]
-    heads = ["cache", "context", "decode ms/tok", "x fp", "attn ms/layer", "x fp", "prefill tok/s", "KV MiB",
-             "KV x fp", "peak MiB", "error"]
+    cols = [
+        "name",
+        "context",
+        "decode_ms",
+        "decode_x",
+        "attn_ms",
+        "attn_x",
+        "prefill_tok_s",
+        "kv_mb",
+        "kv_x",
+        "peak_mb",
+        "error",
+    ]
+    heads = [
+        "cache",
+        "context",
+        "decode ms/tok",
+        "x fp",
+        "attn ms/layer",
+        "x fp",
+        "prefill tok/s",
+        "KV MiB",
+        "KV x fp",
+        "peak MiB",
+        "error",
+    ]
     keep = [i for i, c in enumerate(cols) if i == 0 or any(r.get(c) is not None for r in rows)]
     cols, heads = [cols[i] for i in keep], [heads[i] for i in keep]  # drop columns not measured
     rows.sort(key=lambda r: (r["context"], names.index(r["name"]) if r["name"] in names else 99))
-    md = report.write_md(f"{base}.md", f"Speed: {ctx.get('model')}", ctx, [(
-        "Decode on a cache filled directly with random K/V; attention = one layer alone; ratios vs the fp cache "
-        f"(model dtype {ctx.get('model_dtype')})", report.md_table(rows, cols, heads))])
+    md = report.write_md(
+        f"{base}.md",
+        f"Speed: {ctx.get('model')}",
+        ctx,
+        [
+            (
+                "Decode on a cache filled directly with random K/V; attention = one layer alone; "
+                f"ratios vs the fp cache (model dtype {ctx.get('model_dtype')})",
+                report.md_table(rows, cols, heads),
+            )
+        ],
+    )
     plt = report.plt()
-    panels = [(k, t) for k, t in (("decode_ms", "end-to-end decode, ms/token"),
-                                  ("attn_ms", "decode attention, one layer, ms")) if any(r.get(k) for r in rows)]
+    panels = [
+        (k, t)
+        for k, t in (("decode_ms", "end-to-end decode, ms/token"), ("attn_ms", "decode attention, one layer, ms"))
+        if any(r.get(k) for r in rows)
+    ]
     panels = panels or [("decode_ms", "end-to-end decode, ms/token")]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     for ax, (k, t) in zip(axes[0], panels):

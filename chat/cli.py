@@ -1,8 +1,8 @@
 """tq-chat: chat with a model in the terminal on a TurboQuant-compressed KV cache.
 
-    tq-chat                               # bundled SmolLM2-135M-Instruct, default KV preset
-    tq-chat --model gemma3-270m --kv k3v4 --max-tokens 512
-    python -m tq_mlx.chat.cli --help
+tq-chat                               # bundled SmolLM2-135M-Instruct, default KV preset
+tq-chat --model gemma3-270m --kv k3v4 --max-tokens 512
+python -m tq_mlx.chat.cli --help
 """
 
 import argparse
@@ -23,33 +23,69 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tq-chat",
         description="Chat with an LLM on a TurboQuant-compressed KV cache (one persistent cache: "
-                    "each turn prefills only its new tokens).",
+        "each turn prefills only its new tokens).",
         epilog=HELP + "\n\nKV presets: " + ", ".join(tq_mlx.PRESETS) + ", or kXvY (X, Y in 1..8).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", default=None,
-                   help="bundled alias (smollm2-135m, gemma3-270m), .gguf file, mlx-lm model dir or hub id "
-                        "(default: bundled SmolLM2-135M-Instruct)")
-    p.add_argument("--kv", default=tq_mlx.DEFAULT_PRESET,
-                   help=f"KV cache preset or explicit kXvY (default: {tq_mlx.DEFAULT_PRESET})")
-    p.add_argument("--kv-window", type=int, default=None, metavar="N",
-                   help="keep the most recent N tokens in fp16 (default: the preset's)")
-    p.add_argument("--kv-boundary-layers", type=int, default=None, metavar="N",
-                   help="keep the first and last N layers in fp16 (default: the preset's)")
-    p.add_argument("--max-kv-size", type=int, default=None, metavar="N",
-                   help="sliding-window KV cache of N tokens, like mlx_lm (default: unbounded)")
-    p.add_argument("--max-context", type=int, default=None, metavar="N",
-                   help="most tokens a conversation may hold, answer included "
-                        "(default: the model's context length, else 8192)")
-    p.add_argument("--on-context-full", choices=POLICIES, default="stop",
-                   help="when a turn would pass --max-context: refuse it (stop) or drop the oldest turns "
-                        "and re-encode the rest (drop-oldest); default: stop")
-    p.add_argument("--max-tokens", "-m", type=int, default=256, metavar="N", help="most tokens per answer (default: 256)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="bundled alias (smollm2-135m, gemma3-270m), .gguf file, mlx-lm model dir or hub id "
+        "(default: bundled SmolLM2-135M-Instruct)",
+    )
+    p.add_argument(
+        "--kv",
+        default=tq_mlx.DEFAULT_PRESET,
+        help=f"KV cache preset or explicit kXvY (default: {tq_mlx.DEFAULT_PRESET})",
+    )
+    p.add_argument(
+        "--kv-window",
+        type=int,
+        default=None,
+        metavar="N",
+        help="keep the most recent N tokens in fp16 (default: the preset's)",
+    )
+    p.add_argument(
+        "--kv-boundary-layers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="keep the first and last N layers in fp16 (default: the preset's)",
+    )
+    p.add_argument(
+        "--max-kv-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="sliding-window KV cache of N tokens, like mlx_lm (default: unbounded)",
+    )
+    p.add_argument(
+        "--max-context",
+        type=int,
+        default=None,
+        metavar="N",
+        help="most tokens a conversation may hold, answer included (default: the model's context length, else 8192)",
+    )
+    p.add_argument(
+        "--on-context-full",
+        choices=POLICIES,
+        default="stop",
+        help="when a turn would pass --max-context: refuse it (stop) or drop the oldest turns "
+        "and re-encode the rest (drop-oldest); default: stop",
+    )
+    p.add_argument(
+        "--max-tokens", "-m", type=int, default=256, metavar="N", help="most tokens per answer (default: 256)"
+    )
     p.add_argument("--temp", type=float, default=0.0, metavar="T", help="sampling temperature (default: 0, greedy)")
     p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling top-p (default: 1.0)")
-    p.add_argument("--seed", type=int, default=None, metavar="N",
-                   help="random seed: answer i is sampled after mx.random.seed(SEED + i), so a conversation "
-                        "repeats exactly (also after /save and /load)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        metavar="N",
+        help="random seed: answer i is sampled after mx.random.seed(SEED + i), so a conversation "
+        "repeats exactly (also after /save and /load)",
+    )
     p.add_argument("--system-prompt", default=None, metavar="TEXT", help="system prompt (default: the chat template's)")
     return p
 
@@ -83,12 +119,18 @@ def setup_history():
 def print_stats(session: Session, out=sys.stdout):
     s, last = session.stats(), session.last
     print(f"tokens in context: {s['tokens']} (limit {s['max_context']})", file=out)
-    print(f"KV cache ({s['kv']}): {s['kv_bytes']} bytes held; fp16 would hold {s['fp16_bytes']} bytes "
-          f"(compression {s['ratio']:.2f}x)", file=out)
+    print(
+        f"KV cache ({s['kv']}): {s['kv_bytes']} bytes held; fp16 would hold {s['fp16_bytes']} bytes "
+        f"(compression {s['ratio']:.2f}x)",
+        file=out,
+    )
     if last.finish:
         decode = f"{last.decode_tps:.1f} tok/s" if last.decode_tokens > 1 else "n/a"
-        print(f"last turn: prefill {last.prefill_tokens} tokens at {last.prefill_tps:.1f} tok/s, "
-              f"decode {last.decode_tokens} tokens at {decode} ({last.finish})", file=out)
+        print(
+            f"last turn: prefill {last.prefill_tokens} tokens at {last.prefill_tps:.1f} tok/s, "
+            f"decode {last.decode_tokens} tokens at {decode} ({last.finish})",
+            file=out,
+        )
     print(f"peak memory: {s['peak_memory'] / 1e9:.3f} GB", file=out)
 
 
@@ -195,15 +237,29 @@ def main(argv=None) -> int:
     try:
         model, tokenizer = load(args.model)
         session = Session(
-            model, tokenizer, args.kv, system_prompt=args.system_prompt, max_tokens=args.max_tokens,
-            temp=args.temp, top_p=args.top_p, seed=args.seed, max_context=args.max_context,
-            max_kv_size=args.max_kv_size, kv_window=args.kv_window, kv_boundary_layers=args.kv_boundary_layers,
-            on_context_full=args.on_context_full, model_name=name)
+            model,
+            tokenizer,
+            args.kv,
+            system_prompt=args.system_prompt,
+            max_tokens=args.max_tokens,
+            temp=args.temp,
+            top_p=args.top_p,
+            seed=args.seed,
+            max_context=args.max_context,
+            max_kv_size=args.max_kv_size,
+            kv_window=args.kv_window,
+            kv_boundary_layers=args.kv_boundary_layers,
+            on_context_full=args.on_context_full,
+            model_name=name,
+        )
     except (OSError, ValueError, NotImplementedError) as e:
         print(f"tq-chat: {e}", file=sys.stderr)
         return 1
-    print(f"Loaded {name} in {time.perf_counter() - tic:.1f}s; KV cache {session.config.name}, "
-          f"context {session.max_context} tokens. /help for commands, Ctrl-D to quit.", flush=True)
+    print(
+        f"Loaded {name} in {time.perf_counter() - tic:.1f}s; KV cache {session.config.name}, "
+        f"context {session.max_context} tokens. /help for commands, Ctrl-D to quit.",
+        flush=True,
+    )
     setup_history()
     while True:
         try:

@@ -1,6 +1,7 @@
 """Input handling for tq-chat: slash commands and multi-line messages (no model, no I/O of its own)."""
 
-from typing import Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple
 
 PROMPT = ">> "
 CONTINUE = "... "
@@ -20,12 +21,16 @@ _ALIASES = {"exit": "quit", "q": "quit", "h": "help", "?": "help"}
 _NEEDS_ARG = {"save": "FILE", "load": "FILE"}
 
 HELP = "\n".join(
-    ["Commands:", *(f"  {line}" for line in COMMANDS.values()), "",
-     "Input:",
-     "  end a line with \\ to continue the message on the next line;",
-     f"  or start a block with {BLOCK} and end it with {BLOCK} (on its own line or at a line's end);",
-     "  start a message with // to send text that begins with /.",
-     "  Ctrl-C stops an answer (the partial answer stays in the conversation); Ctrl-D exits."]
+    [
+        "Commands:",
+        *(f"  {line}" for line in COMMANDS.values()),
+        "",
+        "Input:",
+        "  end a line with \\ to continue the message on the next line;",
+        f"  or start a block with {BLOCK} and end it with {BLOCK} (on its own line or at a line's end);",
+        "  start a message with // to send text that begins with /.",
+        "  Ctrl-C stops an answer (the partial answer stays in the conversation); Ctrl-D exits.",
+    ]
 )
 
 
@@ -36,7 +41,7 @@ class Command(NamedTuple):
     arg: str = ""
 
 
-def parse(text: str) -> Optional[Command]:
+def parse(text: str) -> Command | None:
     """The Command for one input; None for empty input."""
     text = text.strip()
     if not text:
@@ -60,7 +65,7 @@ def read_message(read: Callable[[str], str]) -> str:
     backslash, or a block between triple quotes.  EOFError from `read` propagates."""
     line = read(PROMPT)
     if line.lstrip().startswith(BLOCK):
-        first = line.lstrip()[len(BLOCK):]
+        first = line.lstrip()[len(BLOCK) :]
         if first.rstrip().endswith(BLOCK):
             return first.rstrip()[: -len(BLOCK)]
         lines = [first] if first.strip() else []

@@ -13,22 +13,28 @@ text becomes the assistant message, so the next turn continues consistently.
 """
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
 
 import mlx.core as mx
 from mlx_lm import stream_generate
-from mlx_lm.models.cache import (KVCache, RotatingKVCache, can_trim_prompt_cache, save_prompt_cache,
-                                  trim_prompt_cache)
+from mlx_lm.models.cache import can_trim_prompt_cache, save_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 import tq_mlx
 
 SESSION_VERSION = 1
 POLICIES = ("stop", "drop-oldest")
-_FINGERPRINT = ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "vocab_size")
+_FINGERPRINT = (
+    "model_type",
+    "num_hidden_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+)
 
 
 class ContextFull(RuntimeError):
@@ -53,10 +59,10 @@ class TurnStats:
 class Plan:
     """What a turn will do: the messages after it, the segments kept, the text and tokens to prefill."""
 
-    messages: List[dict]
-    kept: List[Tuple[str, int]]
+    messages: list[dict]
+    kept: list[tuple[str, int]]
     text: str
-    ids: List[int]
+    ids: list[int]
     dropped_turns: int = 0
 
 
@@ -86,32 +92,53 @@ def read_meta(path) -> dict:
     return json.loads(next(v for k, v in raw.items() if k.split(".")[-1] == "tq_chat"))
 
 
-def _offset(cache) -> Optional[int]:
+def _offset(cache) -> int | None:
     return next((c.offset for c in cache if hasattr(c, "offset")), None)
 
 
 class Session:
     """Messages, system prompt and the prompt cache that holds them."""
 
-    def __init__(self, model, tokenizer, kv=None, *, system_prompt=None, max_tokens=256, temp=0.0,
-                 top_p=1.0, seed=None, max_context=None, max_kv_size=None, kv_window=None,
-                 kv_boundary_layers=None, on_context_full="stop", model_name=None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        kv=None,
+        *,
+        system_prompt=None,
+        max_tokens=256,
+        temp=0.0,
+        top_p=1.0,
+        seed=None,
+        max_context=None,
+        max_kv_size=None,
+        kv_window=None,
+        kv_boundary_layers=None,
+        on_context_full="stop",
+        model_name=None,
+    ):
         if on_context_full not in POLICIES:
             raise ValueError(f"on_context_full must be one of {POLICIES}, got {on_context_full!r}")
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
-        self.overrides = {k: v for k, v in (("fp_window", kv_window), ("boundary_layers", kv_boundary_layers))
-                          if v is not None}
+        self.overrides = {
+            k: v for k, v in (("fp_window", kv_window), ("boundary_layers", kv_boundary_layers)) if v is not None
+        }
         self.config = tq_mlx.resolve_config(kv, **self.overrides)
         self.max_kv_size, self.max_tokens, self.temp, self.top_p, self.seed = (
-            max_kv_size, max_tokens, temp, top_p, seed)
+            max_kv_size,
+            max_tokens,
+            temp,
+            top_p,
+            seed,
+        )
         ctx = getattr(getattr(model, "args", None), "max_position_embeddings", None)
         self.max_context = max_context or ctx or 8192
         self.on_context_full = on_context_full
         self.system = system_prompt or None
-        self.messages: List[dict] = []
-        self.segments: List[Tuple[str, int]] = []
+        self.messages: list[dict] = []
+        self.segments: list[tuple[str, int]] = []
         self.cache = self._new_cache()
         self.last = TurnStats()
         self.stop_requested = False
@@ -119,32 +146,23 @@ class Session:
 
     # ---- text and tokens ------------------------------------------------
     def _new_cache(self):
-        cache = tq_mlx.make_prompt_cache(self.model, self.config, max_kv_size=self.max_kv_size)
-        if self.max_kv_size is None:
-            return cache
-        # mlx-lm ignores max_kv_size for models with make_cache (llama, gemma3, ...): make the
-        # full-attention layers sliding windows here, with mlx-lm's keep=4
-        n, keep = self.max_kv_size, 4
-        return [tq_mlx.TurboQuantKVCache(c.config, c.layer, max_size=n, keep=keep)
-                if isinstance(c, tq_mlx.TurboQuantKVCache) and c.max_size is None
-                else RotatingKVCache(max_size=n, keep=keep) if type(c) is KVCache else c for c in cache]
+        return tq_mlx.make_prompt_cache(self.model, self.config, max_kv_size=self.max_kv_size)
 
     @property
     def n_tokens(self) -> int:
         """Tokens fed into the cache (its offset; a sliding window keeps at most max_kv_size of them)."""
         return sum(n for _, n in self.segments)
 
-    def conversation(self, messages=None) -> List[dict]:
+    def conversation(self, messages=None) -> list[dict]:
         sys_msg = [{"role": "system", "content": self.system}] if self.system else []
         return sys_msg + list(self.messages if messages is None else messages)
 
     def render(self, messages, generation_prompt: bool) -> str:
         if not messages:
             return ""
-        return self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=generation_prompt, tokenize=False)
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
 
-    def _encode(self, text: str, first: bool) -> List[int]:
+    def _encode(self, text: str, first: bool) -> list[int]:
         bos = self.tokenizer.bos_token
         return self.tokenizer.encode(text, add_special_tokens=first and not (bos and text.startswith(bos)))
 
@@ -161,7 +179,7 @@ class Session:
         rest = target[pos:]
         return kept, rest, (self._encode(rest, first=not kept) if rest else [])
 
-    def _trim_to(self, kept) -> List[Tuple[str, int]]:
+    def _trim_to(self, kept) -> list[tuple[str, int]]:
         """Trim the cache to the kept segments; a cache that cannot be trimmed (a full sliding window)
         is replaced by an empty one. Returns the segments the cache now holds."""
         drop = self.n_tokens - sum(n for _, n in kept)
@@ -171,9 +189,9 @@ class Session:
             self.cache, self.segments = self._new_cache(), []
         return self.segments
 
-    def _prefill(self, text: str, ids: List[int], step: int = 512):
+    def _prefill(self, text: str, ids: list[int], step: int = 512):
         for i in range(0, len(ids), step):
-            self.model(mx.array(ids[i:i + step])[None], cache=self.cache)
+            self.model(mx.array(ids[i : i + step])[None], cache=self.cache)
             mx.eval([c.state for c in self.cache])
         self.segments.append((text, len(ids)))
 
@@ -198,11 +216,15 @@ class Session:
             if need <= self.max_context:
                 return Plan(msgs, kept, rest, ids, dropped)
             if self.on_context_full == "stop" or not messages:
-                why = (f"context full: this turn needs {need} tokens ({held} held + {len(ids)} new + "
-                       f"{self.max_tokens} for the answer), the limit is {self.max_context}.")
-                hint = (" Use /reset, a shorter message, a smaller --max-tokens, or --on-context-full drop-oldest."
-                        if messages else " Even without earlier turns it does not fit: shorten the message"
-                        " or lower --max-tokens.")
+                why = (
+                    f"context full: this turn needs {need} tokens ({held} held + {len(ids)} new + "
+                    f"{self.max_tokens} for the answer), the limit is {self.max_context}."
+                )
+                hint = (
+                    " Use /reset, a shorter message, a smaller --max-tokens, or --on-context-full drop-oldest."
+                    if messages
+                    else " Even without earlier turns it does not fit: shorten the message or lower --max-tokens."
+                )
                 raise ContextFull(why + hint)
             i = 1
             while i < len(messages) and messages[i]["role"] != "user":
@@ -226,8 +248,14 @@ class Session:
             mx.random.seed(self.seed + self.turns)
         self.turns += 1
         self.last = stats = TurnStats(prefill_tokens=len(plan.ids), dropped_turns=plan.dropped_turns)
-        responses = stream_generate(self.model, self.tokenizer, mx.array(plan.ids), max_tokens=self.max_tokens,
-                                    sampler=make_sampler(self.temp, self.top_p), prompt_cache=self.cache)
+        responses = stream_generate(
+            self.model,
+            self.tokenizer,
+            mx.array(plan.ids),
+            max_tokens=self.max_tokens,
+            sampler=make_sampler(self.temp, self.top_p),
+            prompt_cache=self.cache,
+        )
         tokens, boundary = [], True  # boundary: not inside a model call, the cache holds whole tokens
         try:
             while not self.stop_requested:
@@ -273,7 +301,7 @@ class Session:
     def reset(self):
         self.messages, self.segments, self.cache, self.turns = [], [], self._new_cache(), 0
 
-    def set_system(self, text: Optional[str]):
+    def set_system(self, text: str | None):
         self.system = text or None
         self.sync()
 
@@ -286,16 +314,31 @@ class Session:
     def stats(self) -> dict:
         kv = sum(c.nbytes for c in self.cache)
         fp16 = sum(fp16_bytes(c) for c in self.cache)
-        return {"tokens": self.n_tokens, "max_context": self.max_context, "kv": self.config.name,
-                "kv_bytes": kv, "fp16_bytes": fp16, "ratio": fp16 / kv if kv else 0.0,
-                "last": self.last, "peak_memory": mx.get_peak_memory()}
+        return {
+            "tokens": self.n_tokens,
+            "max_context": self.max_context,
+            "kv": self.config.name,
+            "kv_bytes": kv,
+            "fp16_bytes": fp16,
+            "ratio": fp16 / kv if kv else 0.0,
+            "last": self.last,
+            "peak_memory": mx.get_peak_memory(),
+        }
 
     # ---- files --------------------------------------------------------------
     def _meta(self) -> dict:
-        return {"version": SESSION_VERSION, "model": self.model_name, "fingerprint": fingerprint(self.model),
-                "kv": self.config.name, "config": json.loads(self.config.to_json()),
-                "max_kv_size": self.max_kv_size, "system": self.system, "messages": self.messages,
-                "segments": self.segments, "turns": self.turns}
+        return {
+            "version": SESSION_VERSION,
+            "model": self.model_name,
+            "fingerprint": fingerprint(self.model),
+            "kv": self.config.name,
+            "config": json.loads(self.config.to_json()),
+            "max_kv_size": self.max_kv_size,
+            "system": self.system,
+            "messages": self.messages,
+            "segments": self.segments,
+            "turns": self.turns,
+        }
 
     def save(self, path) -> Path:
         """Write messages, settings and the prompt cache to a .safetensors file; returns its path."""
@@ -320,32 +363,47 @@ class Session:
         if meta.get("version") != SESSION_VERSION:
             raise SessionFileError(f"{path}: session file version {meta.get('version')} is not supported")
         if meta["fingerprint"] != fingerprint(self.model):
-            raise SessionFileError(f"{path}: saved with another model ({meta['model'] or 'unknown'}: "
-                                   f"{meta['fingerprint']}); this session runs {self.model_name or 'a model'} "
-                                   f"({fingerprint(self.model)})")
+            raise SessionFileError(
+                f"{path}: saved with another model ({meta['model'] or 'unknown'}: "
+                f"{meta['fingerprint']}); this session runs {self.model_name or 'a model'} "
+                f"({fingerprint(self.model)})"
+            )
         mine = json.loads(self.config.to_json())
         if meta["config"] != mine:
-            diff = ", ".join(f"{k}: {meta['config'].get(k)} vs {mine.get(k)}" for k in sorted(mine)
-                             if k != "name" and meta["config"].get(k) != mine.get(k))
-            hint = f"switch with /kv {meta['kv']} first" if meta["kv"] != self.config.name else \
-                "start tq-chat with the same --kv-window / --kv-boundary-layers"
-            raise SessionFileError(f"{path}: saved with KV preset {meta['kv']!r}, this session uses "
-                                   f"{self.config.name!r} (saved vs current: {diff}); {hint}")
+            diff = ", ".join(
+                f"{k}: {meta['config'].get(k)} vs {mine.get(k)}"
+                for k in sorted(mine)
+                if k != "name" and meta["config"].get(k) != mine.get(k)
+            )
+            hint = (
+                f"switch with /kv {meta['kv']} first"
+                if meta["kv"] != self.config.name
+                else "start tq-chat with the same --kv-window / --kv-boundary-layers"
+            )
+            raise SessionFileError(
+                f"{path}: saved with KV preset {meta['kv']!r}, this session uses "
+                f"{self.config.name!r} (saved vs current: {diff}); {hint}"
+            )
         if meta["max_kv_size"] != self.max_kv_size:
-            raise SessionFileError(f"{path}: saved with --max-kv-size {meta['max_kv_size']}, this session "
-                                   f"uses {self.max_kv_size}")
+            raise SessionFileError(
+                f"{path}: saved with --max-kv-size {meta['max_kv_size']}, this session uses {self.max_kv_size}"
+            )
         try:
             cache = tq_mlx.load_prompt_cache(path, config=self.config)
         except (tq_mlx.CacheStateError, ValueError, KeyError) as e:
             raise SessionFileError(f"{path}: {e}") from None
         want = [type(c).__name__ for c in self._new_cache()]
         if [type(c).__name__ for c in cache] != want:
-            raise SessionFileError(f"{path}: the saved cache's layers do not match this model and settings "
-                                   f"({len(cache)} layers saved, {len(want)} expected)")
+            raise SessionFileError(
+                f"{path}: the saved cache's layers do not match this model and settings "
+                f"({len(cache)} layers saved, {len(want)} expected)"
+            )
         segments = [(t, n) for t, n in meta["segments"]]
         if _offset(cache) is not None and _offset(cache) != sum(n for _, n in segments):
-            raise SessionFileError(f"{path}: corrupt session: the cache holds {_offset(cache)} tokens, "
-                                   f"the messages {sum(n for _, n in segments)}")
+            raise SessionFileError(
+                f"{path}: corrupt session: the cache holds {_offset(cache)} tokens, "
+                f"the messages {sum(n for _, n in segments)}"
+            )
         self.cache, self.segments = cache, segments
         self.system, self.messages, self.turns = meta["system"], meta["messages"], meta["turns"]
         return path

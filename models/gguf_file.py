@@ -9,7 +9,7 @@ tensor bytes memory-mapped.
 import mmap
 import struct
 from dataclasses import dataclass
-from typing import Any, Dict, Tuple
+from typing import Any
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -40,17 +40,17 @@ class GGUFTensor:
 
     name: str
     qtype: GGMLQuantizationType
-    shape: Tuple[int, ...]
+    shape: tuple[int, ...]
     data: np.ndarray
 
 
-def _read_str(buf, off: int) -> Tuple[str, int]:
+def _read_str(buf, off: int) -> tuple[str, int]:
     (n,) = struct.unpack_from("<Q", buf, off)
     off += 8
     return buf[off : off + n].decode("utf-8", errors="replace"), off + n
 
 
-def _read_value(buf, off: int, vtype: int) -> Tuple[Any, int]:
+def _read_value(buf, off: int, vtype: int) -> tuple[Any, int]:
     if vtype == _STRING:
         return _read_str(buf, off)
     if vtype in _SCALARS:
@@ -77,7 +77,7 @@ def _read_value(buf, off: int, vtype: int) -> Tuple[Any, int]:
     raise ValueError(f"Unknown GGUF value type {vtype}")
 
 
-def read_gguf(path) -> Tuple[Dict[str, Any], Dict[str, GGUFTensor]]:
+def read_gguf(path) -> tuple[dict[str, Any], dict[str, GGUFTensor]]:
     """Parse ``path`` into ``(metadata, tensors)``.
 
     Metadata values are Python scalars, strings or lists. Tensors keep GGUF
@@ -91,7 +91,7 @@ def read_gguf(path) -> Tuple[Dict[str, Any], Dict[str, GGUFTensor]]:
     if version not in (2, 3):
         raise ValueError(f"{path}: unsupported GGUF version {version}")
     off = 24
-    meta: Dict[str, Any] = {}
+    meta: dict[str, Any] = {}
     for _ in range(n_kv):
         key, off = _read_str(buf, off)
         (vtype,) = struct.unpack_from("<I", buf, off)

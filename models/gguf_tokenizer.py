@@ -24,17 +24,15 @@ import os
 import warnings
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import numpy as np
-
 from mlx_lm.tokenizer_utils import (
     BPEStreamingDetokenizer,
     SPMStreamingDetokenizer,
     TokenizerWrapper,
 )
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models
-from tokenizers import normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 from transformers.tokenization_utils_base import generate_merges
 
@@ -73,7 +71,7 @@ GEMMA_CHAT_TEMPLATE = (
 )
 
 
-def _add_vocab_tokens(tok: Tokenizer, tokens: List[str], types: List[int]):
+def _add_vocab_tokens(tok: Tokenizer, tokens: list[str], types: list[int]):
     """CONTROL tokens become special tokens; USER_DEFINED ones are matched
     verbatim before the model runs (e.g. Gemma's whitespace runs)."""
     special = [t for t, k in zip(tokens, types) if k == CONTROL]
@@ -82,7 +80,7 @@ def _add_vocab_tokens(tok: Tokenizer, tokens: List[str], types: List[int]):
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
 
 
-def _bpe_tokenizer(meta: Dict[str, Any]) -> Tokenizer:
+def _bpe_tokenizer(meta: dict[str, Any]) -> Tokenizer:
     """Byte-level BPE (GPT-2 style)."""
     tokens = meta["tokenizer.ggml.tokens"]
     merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
@@ -99,34 +97,28 @@ def _bpe_tokenizer(meta: Dict[str, Any]) -> Tokenizer:
         tok.pre_tokenizer = pre_tokenizers.Sequence([digits, byte_level])
     else:
         if pre not in ("default", "gpt2", "gpt-2"):
-            warnings.warn(f"GGUF pre-tokenizer '{pre}' unknown; using GPT-2's split")
+            warnings.warn(f"GGUF pre-tokenizer '{pre}' unknown; using GPT-2's split", stacklevel=2)
         tok.pre_tokenizer = byte_level
     tok.decoder = decoders.ByteLevel()
     _add_vocab_tokens(tok, tokens, meta["tokenizer.ggml.token_type"])
     return tok
 
 
-def _space_prefix(meta: Dict[str, Any]) -> bool:
+def _space_prefix(meta: dict[str, Any]) -> bool:
     """SentencePiece's add_dummy_prefix; llama.cpp defaults it to on (Llama 2)."""
     return bool(meta.get("tokenizer.ggml.add_space_prefix", True))
 
 
-def _spm_tokenizer(meta: Dict[str, Any]) -> Tokenizer:
+def _spm_tokenizer(meta: dict[str, Any]) -> Tokenizer:
     """SentencePiece BPE with byte fallback, as a ``tokenizers`` BPE whose
     merges are ranked by the pieces' scores."""
     tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
     vocab = {t: i for i, t in enumerate(tokens)}
     # Only normal pieces take part in merges.
-    scores = {
-        t: s
-        for t, s, k in zip(tokens, meta["tokenizer.ggml.scores"], types)
-        if k == NORMAL
-    }
+    scores = {t: s for t, s, k in zip(tokens, meta["tokenizer.ggml.scores"], types) if k == NORMAL}
     merges = generate_merges(vocab, scores)
     unk = tokens[meta.get("tokenizer.ggml.unknown_token_id", 0)]
-    bpe = models.BPE(
-        vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True
-    )
+    bpe = models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True)
     tok = Tokenizer(bpe)
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     if _space_prefix(meta):  # Llama 2 style: "▁" before the first word only
@@ -139,7 +131,7 @@ def _spm_tokenizer(meta: Dict[str, Any]) -> Tokenizer:
     return tok
 
 
-def _add_bos(tok: Tokenizer, meta: Dict[str, Any]):
+def _add_bos(tok: Tokenizer, meta: dict[str, Any]):
     """Prepend BOS on encode when the GGUF asks for it."""
     bos_id = meta.get("tokenizer.ggml.bos_token_id")
     if not meta.get("tokenizer.ggml.add_bos_token", False) or bos_id is None:
@@ -150,7 +142,7 @@ def _add_bos(tok: Tokenizer, meta: Dict[str, Any]):
     )
 
 
-def _cached_spm_file(meta: Dict[str, Any]) -> Path:
+def _cached_spm_file(meta: dict[str, Any]) -> Path:
     """:func:`_spm_tokenizer` (with BOS) saved as ``tokenizers`` JSON in the
     user cache, keyed by a hash of the vocabulary; built on first use."""
     h = hashlib.sha256(_CACHE_VERSION)
@@ -169,12 +161,12 @@ def _cached_spm_file(meta: Dict[str, Any]) -> Path:
     return path
 
 
-def _special(meta, key: str) -> Optional[str]:
+def _special(meta, key: str) -> str | None:
     idx = meta.get(f"tokenizer.ggml.{key}_token_id")
     return None if idx is None else meta["tokenizer.ggml.tokens"][idx]
 
 
-def load_gguf_tokenizer(meta: Dict[str, Any]) -> TokenizerWrapper:
+def load_gguf_tokenizer(meta: dict[str, Any]) -> TokenizerWrapper:
     """mlx-lm tokenizer from the metadata dict of :func:`read_gguf`."""
     kind = meta.get("tokenizer.ggml.model")
     if kind == "gpt2":

@@ -11,7 +11,7 @@ import importlib
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -55,9 +55,7 @@ _GEMMA_LAYER_NAMES = {
 
 
 def _unsupported(arch: str) -> ValueError:
-    return ValueError(
-        f"Unsupported GGUF architecture '{arch}'; supported: {sorted(ARCHITECTURES)}"
-    )
+    return ValueError(f"Unsupported GGUF architecture '{arch}'; supported: {sorted(ARCHITECTURES)}")
 
 
 def _num(x) -> Any:
@@ -65,7 +63,7 @@ def _num(x) -> Any:
     return float(f"{x:.7g}") if isinstance(x, float) else x
 
 
-def model_config(meta: Dict[str, Any], tensors: Dict[str, GGUFTensor]) -> dict:
+def model_config(meta: dict[str, Any], tensors: dict[str, GGUFTensor]) -> dict:
     """An mlx-lm ``config.json``-style dict from GGUF metadata."""
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
@@ -106,14 +104,12 @@ def model_config(meta: Dict[str, Any], tensors: Dict[str, GGUFTensor]) -> dict:
             sliding_window=get("attention.sliding_window", 512),
             sliding_window_pattern=pattern,
             # llama.cpp: 1/sqrt(head_dim), except Gemma-3-27B (62 layers).
-            query_pre_attn_scalar=(
-                hidden // heads if config["num_hidden_layers"] == 62 else config["head_dim"]
-            ),
+            query_pre_attn_scalar=(hidden // heads if config["num_hidden_layers"] == 62 else config["head_dim"]),
         )
     return config
 
 
-def _mx_load(path: str) -> Dict[str, mx.array]:
+def _mx_load(path: str) -> dict[str, mx.array]:
     """GGUF tensors via ``mx.load``, quantized ones dequantized (group 32)."""
     raw = mx.load(path)
     out = {}
@@ -135,7 +131,7 @@ def _np_dequantize(t: GGUFTensor) -> np.ndarray:
     return dequantize(t.data, t.qtype).reshape(t.shape)
 
 
-def load_tensors(path: str, tensors: Dict[str, GGUFTensor]) -> Dict[str, mx.array]:
+def load_tensors(path: str, tensors: dict[str, GGUFTensor]) -> dict[str, mx.array]:
     """All tensors of a GGUF file as float arrays keyed by GGUF name."""
     if all(t.qtype in _MX_TYPES for t in tensors.values()):
         return _mx_load(path)
@@ -147,11 +143,7 @@ def load_tensors(path: str, tensors: Dict[str, GGUFTensor]) -> Dict[str, mx.arra
 def _unpermute(w: mx.array, n_head: int) -> mx.array:
     """Undo llama.cpp's Q/K row order: per head, rows (d/2, 2) -> (2, d/2)."""
     rows = w.shape[0]
-    return (
-        w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(w.shape)
-    )
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def mlx_name(name: str, arch: str) -> str:
@@ -169,9 +161,7 @@ def mlx_name(name: str, arch: str) -> str:
     raise ValueError(f"Unexpected tensor '{name}' in a GGUF {arch} model")
 
 
-def to_mlx_weights(
-    raw: Dict[str, mx.array], arch: str, config: dict
-) -> Dict[str, mx.array]:
+def to_mlx_weights(raw: dict[str, mx.array], arch: str, config: dict) -> dict[str, mx.array]:
     """Rename GGUF tensors for mlx-lm and undo llama.cpp's storage tweaks."""
     weights = {}
     for name, w in raw.items():
@@ -198,14 +188,17 @@ class FreqsRoPE(nn.Module):
 
     def __call__(self, x, offset=0):
         return mx.fast.rope(
-            x, self.dims, traditional=False, base=None, scale=1.0,
-            offset=offset, freqs=self._freqs,
+            x,
+            self.dims,
+            traditional=False,
+            base=None,
+            scale=1.0,
+            offset=offset,
+            freqs=self._freqs,
         )
 
 
-def load_gguf_model(
-    path, dtype: mx.Dtype = mx.float32
-) -> Tuple[nn.Module, dict, Dict[str, Any]]:
+def load_gguf_model(path, dtype: mx.Dtype = mx.float32) -> tuple[nn.Module, dict, dict[str, Any]]:
     """Build the mlx-lm model of a GGUF file.
 
     Returns ``(model, config, metadata)``; weights are ``dtype``.
@@ -218,16 +211,14 @@ def load_gguf_model(
     model = module.Model(module.ModelArgs.from_dict(config))
 
     raw = load_tensors(path, tensors)
-    factors: Optional[mx.array] = raw.get("rope_freqs.weight")
+    factors: mx.array | None = raw.get("rope_freqs.weight")
     weights = to_mlx_weights(raw, arch, config)
     weights = {k: v.astype(dtype) for k, v in weights.items()}
     weights = model.sanitize(weights)
     model.load_weights(list(weights.items()), strict=True)
     if factors is not None:
         for layer in model.layers:
-            layer.self_attn.rope = FreqsRoPE(
-                config["head_dim"], config["rope_theta"], factors.astype(mx.float32)
-            )
+            layer.self_attn.rope = FreqsRoPE(config["head_dim"], config["rope_theta"], factors.astype(mx.float32))
     mx.eval(model.parameters())
     model.eval()
     return model, config, meta

@@ -1,7 +1,6 @@
 """``load()``: one entry point for bundled, GGUF and mlx-lm models."""
 
 from pathlib import Path
-from typing import Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -22,13 +21,13 @@ def default_model_path() -> Path:
     return bundled_path(DEFAULT_MODEL)
 
 
-def load_gguf(path, dtype: Optional[mx.Dtype] = None) -> Tuple[nn.Module, TokenizerWrapper]:
+def load_gguf(path, dtype: mx.Dtype | None = None) -> tuple[nn.Module, TokenizerWrapper]:
     """Model and tokenizer of a GGUF file; weights dequantized to ``dtype``."""
     model, _, meta = load_gguf_model(path, dtype or default_dtype())
     return model, load_gguf_tokenizer(meta)
 
 
-def _load_mlx_lm(ref: str, dtype: Optional[mx.Dtype]):
+def _load_mlx_lm(ref: str, dtype: mx.Dtype | None):
     import mlx_lm
 
     model, tokenizer = mlx_lm.load(ref)
@@ -40,9 +39,7 @@ def _load_mlx_lm(ref: str, dtype: Optional[mx.Dtype]):
     return model, tokenizer
 
 
-def load(
-    model_ref: Union[str, Path, None] = None, dtype: Optional[mx.Dtype] = None
-) -> Tuple[nn.Module, TokenizerWrapper]:
+def load(model_ref: str | Path | None = None, dtype: mx.Dtype | None = None) -> tuple[nn.Module, TokenizerWrapper]:
     """Load ``(model, tokenizer)`` for mlx-lm's ``generate``.
 
     ``model_ref`` is tried in this order:

@@ -31,13 +31,34 @@ def _load(out, stem):
 
 
 def test_memory_config_model_matches_nbytes(tmp_path):
-    cfg = {"num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 256,
-           "head_dim": 64, "sliding_window": 256, "sliding_window_pattern": 2}
+    cfg = {
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "hidden_size": 256,
+        "head_dim": 64,
+        "sliding_window": 256,
+        "sliding_window_pattern": 2,
+    }
     path = tmp_path / "config.json"
     path.write_text(json.dumps(cfg))
     out = tmp_path / "out"
-    argv = ["memory", "--model", str(path), "--presets", "k4v4,k4v3,2.5,k4v4-qjl", "--contexts", "256,1024",
-            "--check-context", "700", "--out", str(out), "--tag", "mem", "--no-progress"]
+    argv = [
+        "memory",
+        "--model",
+        str(path),
+        "--presets",
+        "k4v4,k4v3,2.5,k4v4-qjl",
+        "--contexts",
+        "256,1024",
+        "--check-context",
+        "700",
+        "--out",
+        str(out),
+        "--tag",
+        "mem",
+        "--no-progress",
+    ]
     assert cli.main(argv) == 0
     e = _load(out, "mem")
     assert set(e) == {"fp", "affine8", "affine4", "k4v4", "k4v3", "2.5", "k4v4-qjl"}
@@ -71,16 +92,13 @@ def test_context_and_blas_warning():
 
 
 def test_pareto():
-    rows = [{"name": "a", "bpe_marginal": 4, "kl_mean": 0.1}, {"name": "b", "bpe_marginal": 8, "kl_mean": 0.2},
-            {"name": "c", "bpe_marginal": 3, "kl_mean": 0.3}, {"name": "d", "bpe_marginal": 8, "kl_mean": 0.01}]
+    rows = [
+        {"name": "a", "bpe_marginal": 4, "kl_mean": 0.1},
+        {"name": "b", "bpe_marginal": 8, "kl_mean": 0.2},
+        {"name": "c", "bpe_marginal": 3, "kl_mean": 0.3},
+        {"name": "d", "bpe_marginal": 8, "kl_mean": 0.01},
+    ]
     assert quality.pareto(rows) == ["c", "a", "d"]
-
-
-@pytest.fixture(scope="module")
-def smol():
-    from tq_mlx.models import load
-
-    return load()
 
 
 @pytest.mark.model
@@ -99,8 +117,24 @@ def test_perplexity_matches_direct(smol):
 @pytest.mark.model
 def test_quality_cli(tmp_path, text):
     out = tmp_path / "out"
-    argv = ["quality", "--text", text, "--tokens", "32", "--chunk", "16", "--presets", "k4v4,no-such-preset",
-            "--baselines", "fp,affine4", "--out", str(out), "--tag", "q", "--no-progress"]
+    argv = [
+        "quality",
+        "--text",
+        text,
+        "--tokens",
+        "32",
+        "--chunk",
+        "16",
+        "--presets",
+        "k4v4,no-such-preset",
+        "--baselines",
+        "fp,affine4",
+        "--out",
+        str(out),
+        "--tag",
+        "q",
+        "--no-progress",
+    ]
     assert cli.main(argv) == 0
     e = _load(out, "q")
     assert set(e) == {"fp", "affine4", "k4v4", "no-such-preset"}
@@ -114,8 +148,24 @@ def test_quality_cli(tmp_path, text):
 @pytest.mark.model
 def test_speed_cli(tmp_path):
     out = tmp_path / "out"
-    argv = ["speed", "--contexts", "64", "--prefill-max", "64", "--steps", "1", "--presets", "k4v4",
-            "--baselines", "fp,affine4", "--out", str(out), "--tag", "s", "--no-progress"]
+    argv = [
+        "speed",
+        "--contexts",
+        "64",
+        "--prefill-max",
+        "64",
+        "--steps",
+        "1",
+        "--presets",
+        "k4v4",
+        "--baselines",
+        "fp,affine4",
+        "--out",
+        str(out),
+        "--tag",
+        "s",
+        "--no-progress",
+    ]
     assert cli.main(argv) == 0
     e = _load(out, "s")
     assert set(e) == {"fp@64", "affine4@64", "k4v4@64"}
@@ -127,8 +177,24 @@ def test_speed_cli(tmp_path):
 @pytest.mark.model
 def test_niah_cli(tmp_path, text):
     out = tmp_path / "out"
-    argv = ["niah", "--text", text, "--contexts", "96", "--depths", "0.5", "--presets", "k8v8",
-            "--baselines", "fp", "--out", str(out), "--tag", "n", "--no-progress"]
+    argv = [
+        "niah",
+        "--text",
+        text,
+        "--contexts",
+        "96",
+        "--depths",
+        "0.5",
+        "--presets",
+        "k8v8",
+        "--baselines",
+        "fp",
+        "--out",
+        str(out),
+        "--tag",
+        "n",
+        "--no-progress",
+    ]
     assert cli.main(argv) == 0
     e = _load(out, "n")
     assert set(e) == {"fp@96@0.5", "k8v8@96@0.5"}
@@ -148,3 +214,34 @@ def test_niah_rejects_needle_in_filler(tmp_path):
 
     with pytest.raises(AssertionError):
         niah.filler(Tok(), str(p), 10)
+
+
+def test_kernel_bench_fills_contexts_beyond_one_chunk(tmp_path):
+    """bench/kernels.py encodes long contexts in 4096-token chunks, with attention after each."""
+    from tq_mlx.bench import kernels
+
+    out = tmp_path / "k.json"
+    kernels.main(
+        [
+            "--min-context",
+            "4160",
+            "--max-context",
+            "4160",
+            "--presets",
+            "k4v4",
+            "--affine",
+            "--q-heads",
+            "2",
+            "--kv-heads",
+            "1",
+            "--head-dim",
+            "64",
+            "--repeats",
+            "1",
+            "--out",
+            str(out),
+            "--no-png",
+        ]
+    )
+    rows = json.loads(out.read_text())["results"]
+    assert {r["method"] for r in rows} == {"fp16", "tq-k4v4"} and all(r["context"] == 4160 for r in rows)

@@ -29,10 +29,8 @@ def _fill(cache, k, v, chunks=(0.6,)):
 
 def _dequantized(cache):
     """Every stored token decoded to the original domain: (B, H, T, dk), (B, H, T, dv)."""
-    ks, vs = [], []
-    for ck, cv, ek, ev in cache.parts():
-        ks.append(ck.unrotate(ck.decode_rotated(ek)) if hasattr(ck, "decode_rotated") else ck.decode(ek))
-        vs.append(cv.unrotate(cv.decode_rotated(ev)) if hasattr(cv, "decode_rotated") else cv.decode(ev))
+    ks = [b.k_codec.decode(b.k) for b in cache.blocks()]
+    vs = [b.v_codec.decode(b.v) for b in cache.blocks()]
     return mx.concatenate(ks, axis=2), mx.concatenate(vs, axis=2)
 
 
@@ -82,9 +80,14 @@ def test_attention_sinks_join_the_softmax():
     _fill(cache, k, v)
     q = mx.random.normal((1, 4, 1, d))
     sinks = mx.array([0.5, -1.0, 2.0, 0.0])
-    want = mx.fast.scaled_dot_product_attention(q, k.astype(mx.float16).astype(mx.float32),
-                                                v.astype(mx.float16).astype(mx.float32),
-                                                scale=0.125, mask=None, sinks=sinks)
+    want = mx.fast.scaled_dot_product_attention(
+        q,
+        k.astype(mx.float16).astype(mx.float32),
+        v.astype(mx.float16).astype(mx.float32),
+        scale=0.125,
+        mask=None,
+        sinks=sinks,
+    )
     got = sdpa(q, None, None, cache, 0.125, None, sinks=sinks)
     np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-5)
 
@@ -99,8 +102,8 @@ def test_sliding_window_fp16_matches_mlx_rotating_cache():
         q = mx.random.normal((1, 2, n, d), key=mx.random.key(pos))
         mask_t = theirs.make_mask(n, window_size=window)
         mask_o = ours.make_mask(n, window_size=window)
-        kk, vv = theirs.update_and_fetch(k[:, :, pos:pos + n], v[:, :, pos:pos + n])
-        ours.update_and_fetch(k[:, :, pos:pos + n], v[:, :, pos:pos + n])
+        kk, vv = theirs.update_and_fetch(k[:, :, pos : pos + n], v[:, :, pos : pos + n])
+        ours.update_and_fetch(k[:, :, pos : pos + n], v[:, :, pos : pos + n])
         want = mx.fast.scaled_dot_product_attention(q, kk, vv, scale=0.125, mask=mask_t)
         got = sdpa(q, None, None, ours, 0.125, mask_o)
         np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-5, err_msg=f"at pos {pos}")
@@ -117,8 +120,9 @@ def test_trim_forgets_the_newest_tokens():
     fresh = TurboQuantKVCache("k4v4")
     _fill(fresh, k[:, :, :23], v[:, :, :23], chunks=(18 / 23,))  # same first chunk of 18 tokens
     q = mx.random.normal((1, 2, 1, 64))
-    np.testing.assert_array_equal(np.array(sdpa(q, None, None, cache, 0.1, None)),
-                                  np.array(sdpa(q, None, None, fresh, 0.1, None)))
+    np.testing.assert_array_equal(
+        np.array(sdpa(q, None, None, cache, 0.1, None)), np.array(sdpa(q, None, None, fresh, 0.1, None))
+    )
 
 
 def test_state_round_trip_restores_identical_attention():
@@ -127,8 +131,9 @@ def test_state_round_trip_restores_identical_attention():
     _fill(cache, k, v)
     clone = TurboQuantKVCache.from_state(cache.state)
     q = mx.random.normal((1, 4, 1, 128))
-    np.testing.assert_array_equal(np.array(sdpa(q, None, None, cache, 0.1, None)),
-                                  np.array(sdpa(q, None, None, clone, 0.1, None)))
+    np.testing.assert_array_equal(
+        np.array(sdpa(q, None, None, cache, 0.1, None)), np.array(sdpa(q, None, None, clone, 0.1, None))
+    )
     assert clone.offset == cache.offset and clone.config == cache.config
 
 
@@ -235,3 +240,53 @@ def test_uniform_grid_stores_mlx_affine_codes():
     _fill(cache, k, v)
     view = cache.codes.view()
     assert view["k_codes0"].shape == (1, 2, 64, 128 * 4 // 32) and view["k_scales0"].dtype == mx.float16
+
+
+def test_keys_of_another_size_than_the_models_layer_are_refused():
+    cache = TurboQuantKVCache("k4v4", kv_heads=2, head_dims=(64, 64))
+    k, v = _kv(2, 4, 128)
+    with pytest.raises(ValueError, match="2 KV heads of sizes.*another model"):
+        cache.update_and_fetch(k, v)
+    assert cache.empty() and cache.offset == 0
+
+
+def _tiny_llama(hidden, heads, kv_heads, seed=0):
+    from mlx_lm.models import llama
+
+    mx.random.seed(seed)
+    args = llama.ModelArgs(
+        model_type="llama",
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        intermediate_size=64,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        rms_norm_eps=1e-5,
+        vocab_size=50,
+        tie_word_embeddings=True,
+    )
+    return llama.Model(args)
+
+
+def test_a_cache_made_for_one_model_refuses_another():
+    a, b = _tiny_llama(64, 4, 2), _tiny_llama(128, 4, 2)  # head_dim 16 vs 32
+    cache = tq_mlx.make_prompt_cache(a, "fp16")
+    a(mx.array([[1, 2, 3]]), cache=cache)
+    with pytest.raises(ValueError, match="another model"):
+        b(mx.array([[4]]), cache=cache)
+
+
+def test_a_corrupt_cache_file_is_reported_at_load(tmp_path):
+    from mlx_lm.models.cache import save_prompt_cache
+
+    cache = TurboQuantKVCache("k4v4")
+    k, v = _kv(1, 10, 64)
+    _fill(cache, k, v)
+    path = str(tmp_path / "c.safetensors")
+    save_prompt_cache(path, [cache])
+    arrays, meta = mx.load(path, return_metadata=True)
+    name = next(n for n in arrays if n.endswith("codes_k_norm0"))
+    arrays[name] = mx.full(arrays[name].shape, float("nan"), arrays[name].dtype)
+    mx.save_safetensors(path, arrays, meta)
+    with pytest.raises(CacheStateError, match="corrupt cache file.*codes.*k_norm0"):
+        tq_mlx.load_prompt_cache(path)

@@ -78,10 +78,8 @@ def test_eof_inside_a_block_propagates():
 
 # ---- Session on the bundled model --------------------------------------------
 @pytest.fixture(scope="module")
-def lm():
-    from tq_mlx.models import load
-
-    return load()
+def lm(smol):
+    return smol
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +114,7 @@ def test_second_turn_prefills_only_the_new_tokens(convo, lm):
     s, rec = convo
     tok = lm[1]
     template = tok.apply_chat_template(s.conversation()[:-1], add_generation_prompt=True, tokenize=False)
-    new_text = template[len(rec["held1"]):]
+    new_text = template[len(rec["held1"]) :]
     assert template.startswith(rec["held1"]) and new_text.startswith("<|im_end|>\n<|im_start|>user\n" + Q2)
     assert rec["stats2"].prefill_tokens == len(tok.encode(new_text, add_special_tokens=False))
     assert rec["stats2"].prefill_tokens < len(tok.encode(template)) // 3
@@ -183,8 +181,7 @@ def test_context_full_with_stop_refuses_the_turn_and_changes_nothing(convo, lm, 
 
 @pytest.mark.model
 def test_context_full_with_drop_oldest_drops_turns_and_rebuilds(convo, lm, session_cls):
-    s = session_cls(*lm, max_tokens=MAX_TOKENS, max_context=convo[1]["offset1"] + 10,
-                    on_context_full="drop-oldest")
+    s = session_cls(*lm, max_tokens=MAX_TOKENS, max_context=convo[1]["offset1"] + 10, on_context_full="drop-oldest")
     s.load(convo[1]["file"])
     answer = "".join(s.ask(Q2))
     assert s.last.dropped_turns == 1

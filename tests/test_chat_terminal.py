@@ -6,10 +6,9 @@ import shlex
 import shutil
 import sys
 
+import pexpect
+import pexpect.popen_spawn
 import pytest
-
-pexpect = pytest.importorskip("pexpect")
-import pexpect.popen_spawn  # noqa: E402
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
@@ -44,8 +43,9 @@ def spawn(tmp_path, *args):
     if os.path.exists(OPENBLAS) and "LD_PRELOAD" not in env:
         env["LD_PRELOAD"] = OPENBLAS
     cmd = "stty cols 400 rows 50; exec " + shlex.join([sys.executable, "-m", "tq_mlx.chat.cli", *args])
-    child = Terminal(["script", "-qfec", cmd, "/dev/null"], env=env, cwd=str(tmp_path),
-                     encoding="utf-8", timeout=TIMEOUT)
+    child = Terminal(
+        ["script", "-qfec", cmd, "/dev/null"], env=env, cwd=str(tmp_path), encoding="utf-8", timeout=TIMEOUT
+    )
     child.expect("Loading smollm2-135m")
     child.expect(PROMPT)
     return child
@@ -85,7 +85,9 @@ def test_stats_figures_match_the_cache(tmp_path):
     quit_(child)
     tokens = int(re.search(r"tokens in context: (\d+)", stats).group(1))
     kv, fp16 = map(int, re.search(r"KV cache \(k4v4\): (\d+) bytes held; fp16 would hold (\d+) bytes", stats).groups())
-    prefill, decode = map(int, re.search(r"prefill (\d+) tokens at [\d.]+ tok/s, decode (\d+) tokens at", stats).groups())
+    prefill, decode = map(
+        int, re.search(r"prefill (\d+) tokens at [\d.]+ tok/s, decode (\d+) tokens at", stats).groups()
+    )
     assert re.search(r"peak memory: \d+\.\d+ GB", stats)
 
     from tq_mlx.chat.session import Session

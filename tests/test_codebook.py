@@ -1,4 +1,4 @@
-"""Lloyd-Max codebooks for the exact coordinate law of a random unit vector (field notes, section 1)."""
+"""Lloyd-Max codebooks for the exact coordinate law of a random unit vector (docs/turboquant.md)."""
 
 import time
 
@@ -7,7 +7,7 @@ import pytest
 
 from tq_mlx import codebook as cbk
 
-# Exact finite-d Lloyd-Max D_mse (field notes table), b = 1..4
+# Exact finite-d Lloyd-Max D_mse (docs/turboquant.md), b = 1..4
 EXACT_MSE = {
     64: [0.3584, 0.1145, 0.0334, 0.0091],
     128: [0.3609, 0.1160, 0.0340, 0.0093],

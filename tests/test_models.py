@@ -7,7 +7,6 @@ contexts at 256 tokens or less, so the file stays fast on a CPU.
 import importlib.metadata
 import json
 import math
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -17,20 +16,19 @@ from mlx.utils import tree_flatten
 from mlx_lm import generate, stream_generate
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
+from tq_mlx.bench import texts
 from tq_mlx.models import bundled, default_model_path, load
 from tq_mlx.models.gguf_file import read_gguf
 
-PERSUASION = Path(__file__).resolve().parents[2] / "shared" / "data" / "persuasion.txt"
+
+@pytest.fixture(scope="module")
+def smollm2(smol):
+    return smol
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    return load()
-
-
-@pytest.fixture(scope="module")
-def gemma3():
-    return load("gemma3-270m")
+def gemma3(gemma):
+    return gemma
 
 
 def greedy_text(model, tokenizer, prompt, max_tokens):
@@ -46,9 +44,7 @@ def perplexity(model, ids):
 
 
 def persuasion_ids(tokenizer, n):
-    if not PERSUASION.is_file():
-        pytest.skip(f"{PERSUASION} not found")
-    ids = tokenizer.encode(PERSUASION.read_text(encoding="utf-8")[: 12 * n])
+    ids = tokenizer.encode(texts.read("persuasion")[: 12 * n])
     assert len(ids) >= n
     return ids[:n]
 
@@ -235,9 +231,15 @@ def test_local_mlx_lm_directory_loads_through_mlx_lm(smollm2, tmp_path):
     from mlx_lm.models import llama
 
     config = {
-        "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
-        "intermediate_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1,
-        "rms_norm_eps": 1e-5, "vocab_size": 49152, "tie_word_embeddings": True,
+        "model_type": "llama",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "intermediate_size": 128,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": 49152,
+        "tie_word_embeddings": True,
     }
     tiny = llama.Model(llama.ModelArgs.from_dict(config))
     tiny.set_dtype(mx.float16)

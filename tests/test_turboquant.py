@@ -1,4 +1,4 @@
-"""TurboQuant_mse, TurboQuant_prod (QJL) and the outlier split, as in field notes section 1."""
+"""TurboQuant_mse, TurboQuant_prod (QJL) and the outlier split (docs/turboquant.md)."""
 
 import math
 
@@ -36,6 +36,7 @@ def split_perm(heads, d, seed=0):
 
 
 # ---- distortion -------------------------------------------------------------
+
 
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
@@ -88,7 +89,7 @@ def test_norm_correction_gives_the_exact_norm():
 
 
 def test_papers_32_at_3_plus_96_at_2_split_costs_2_25_code_bits_plus_two_norms():
-    # (32 x 3 + 96 x 2) / 128 is 2.25, not the 2.5 the paper (and field notes) print; with two fp16 norms, 2.5
+    # (32 x 3 + 96 x 2) / 128 is 2.25, not the 2.5 the paper prints; with two fp16 norms, 2.5
     codec = TurboQuant(128, 2, [3, 2], [32, 96], perm=split_perm(2, 128))
     assert codec.bits_per_element == pytest.approx(2.25 + 2 * 16 / 128)
 
@@ -102,7 +103,11 @@ def test_outlier_split_at_2_5_code_bits_is_64_at_3_plus_64_at_2():
 def test_outlier_split_beats_2_bits_and_loses_to_3(sizes):
     x = unit_vectors(2, 1500, 128, 6)
     split = d_mse(TurboQuant(128, 2, [3, 2], sizes, perm=split_perm(2, 128), norm_correction=False), x)
-    assert d_mse(TurboQuant(128, 2, 3, norm_correction=False), x) < split < 0.9 * d_mse(TurboQuant(128, 2, 2, norm_correction=False), x)
+    assert (
+        d_mse(TurboQuant(128, 2, 3, norm_correction=False), x)
+        < split
+        < 0.9 * d_mse(TurboQuant(128, 2, 2, norm_correction=False), x)
+    )
 
 
 def test_plain_bits_per_element_counts_the_fp16_norm():
@@ -111,6 +116,7 @@ def test_plain_bits_per_element_counts_the_fp16_norm():
 
 
 # ---- attention on the codes ---------------------------------------------------
+
 
 @pytest.mark.parametrize("kw", [dict(bits=3), dict(bits=3, qjl=True), dict(bits=[3, 2], sizes=[32, 96])])
 def test_scores_and_accumulate_agree_with_decode_then_matmul(kw):
@@ -128,6 +134,7 @@ def test_scores_and_accumulate_agree_with_decode_then_matmul(kw):
 
 
 # ---- seeds and rotations --------------------------------------------------------
+
 
 def test_same_seed_gives_bit_identical_codes():
     x = unit_vectors(2, 50, 96, 9)
@@ -177,14 +184,20 @@ def test_codec_works_at_a_fallback_size():
 
 # ---- invariants (hypothesis) -------------------------------------------------------
 
+
 @settings(max_examples=20, deadline=None)
-@given(bits=st.integers(1, 6), d=st.sampled_from([16, 64, 96, 128]), log2_scale=st.integers(-10, 10),
-       seed=st.integers(0, 2**31 - 1))
+@given(
+    bits=st.integers(1, 6),
+    d=st.sampled_from([16, 64, 96, 128]),
+    log2_scale=st.integers(-10, 10),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_codec_invariants(bits, d, log2_scale, seed):
     scale = 2.0**log2_scale  # exact in floating point, so the codes must not move
     codec = TurboQuant(d, 2, bits, norm_dtype="float32")
-    x = unit_vectors(2, 8, d, seed) * mx.array(np.random.default_rng(seed).uniform(0.1, 10, (1, 2, 8, 1)),
-                                               dtype=mx.float32)
+    x = unit_vectors(2, 8, d, seed) * mx.array(
+        np.random.default_rng(seed).uniform(0.1, 10, (1, 2, 8, 1)), dtype=mx.float32
+    )
     enc = codec.encode(x)
     xd = codec.decode(enc)
     # norm correction with fp32 norms keeps every norm
@@ -211,15 +224,6 @@ def test_half_precision_input_is_accepted():
 
 # ---- error paths -----------------------------------------------------------------------
 
-def test_rejects_a_wrong_trailing_dimension():
-    with pytest.raises(ValueError, match="trailing dimension"):
-        TurboQuant(128, 1, 3).encode(mx.zeros((1, 1, 2, 64)))
-
-
-def test_rejects_a_wrong_number_of_heads():
-    with pytest.raises(ValueError, match="shape"):
-        TurboQuant(64, 4, 3).encode(mx.zeros((1, 1, 2, 64)))
-
 
 @pytest.mark.parametrize("d", [8, 15, 2048])
 def test_rejects_unsupported_d(d):
@@ -231,19 +235,6 @@ def test_rejects_unsupported_d(d):
 def test_rejects_unsupported_bits(bits):
     with pytest.raises(ValueError, match="bits"):
         TurboQuant(64, 1, bits)
-
-
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_rejects_non_finite_input(bad):
-    x = np.zeros((1, 1, 3, 64), np.float32)
-    x[0, 0, 1, 5] = bad
-    with pytest.raises(ValueError, match="non-finite"):
-        TurboQuant(64, 1, 3).encode(mx.array(x))
-
-
-def test_rejects_integer_input():
-    with pytest.raises(TypeError, match="float"):
-        TurboQuant(64, 1, 3).encode(mx.zeros((1, 1, 2, 64), dtype=mx.int32))
 
 
 def test_rejects_unknown_norm_dtype():

@@ -1,14 +1,15 @@
 """tq-mlx: a TurboQuant-compressed KV cache for MLX and mlx-lm.
 
-    import tq_mlx
-    cache = tq_mlx.make_prompt_cache(model, "k4v3")
-    mlx_lm.generate(model, tokenizer, prompt, prompt_cache=cache)
+import tq_mlx
+cache = tq_mlx.make_prompt_cache(model, "k4v3")
+mlx_lm.generate(model, tokenizer, prompt, prompt_cache=cache)
 """
 
 from mlx_lm.models import cache as _mlx_cache
 
 from . import patch
-from .cache import CacheStateError, TurboQuantKVCache
+from .cache import TurboQuantKVCache
+from .cache_state import CacheStateError
 from .config import DEFAULT_PRESET, PRESETS, CacheConfig, CodecSpec, resolve_config
 from .prompt_cache import load_prompt_cache, make_prompt_cache
 
@@ -17,7 +18,14 @@ _mlx_cache.TurboQuantKVCache = TurboQuantKVCache
 patch.install()
 
 __all__ = [
-    "make_prompt_cache", "load_prompt_cache", "TurboQuantKVCache", "CacheConfig", "CodecSpec",
-    "PRESETS", "DEFAULT_PRESET", "resolve_config", "CacheStateError",
+    "make_prompt_cache",
+    "load_prompt_cache",
+    "TurboQuantKVCache",
+    "CacheConfig",
+    "CodecSpec",
+    "PRESETS",
+    "DEFAULT_PRESET",
+    "resolve_config",
+    "CacheStateError",
 ]
 __version__ = "0.1.0"

@@ -4,7 +4,7 @@ The CPU speed option: the rotated (centred, weighted) vectors are quantized
 with `mx.quantize` (one fp16 scale and bias per group) so attention runs on
 MLX's own `quantized_matmul` kernels, on the CPU and on Metal alike.  Same
 interface as turboquant.Segment; the Lloyd-Max segment has lower distortion
-per bit (field notes section 9: +1% at 2 bits, +8% at 3, +21% at 4).
+per bit (docs/turboquant.md, "The uniform grid").
 """
 
 import mlx.core as mx

@@ -1,72 +1,121 @@
 """TurboQuantKVCache: a drop-in mlx-lm prompt cache that stores codes, not fp tensors.
 
-Tokens live in two TokenStores in temporal order: the encoded older tokens
-(codes, norms, ...) and, optionally, the newest `fp_window` tokens in float16.
-`update_and_fetch` returns the new keys and values only as placeholders;
-attention runs on the stored codes through `tq_mlx.attention` (installed into
-mlx-lm by `tq_mlx.patch`).  With `max_size` the cache is a sliding window
-with mlx-lm's RotatingKVCache semantics (temporal order, `keep` first tokens).
+Life of a token.  `update_and_fetch(keys, values)` gets (B, H, L, d) arrays and
+returns them unchanged as placeholders: attention (`tq_mlx.attention`, installed
+into mlx-lm by `tq_mlx.patch`) reads the cache's blocks instead.
+1. The first update fixes the cache's shape (B, H, dk, dv); there are no codecs yet.
+2. Tokens wait in float16 in the `fp` store until the codecs can be built: the
+   key codec learns channel weights from queries (`codec_factory.needs_queries`),
+   so it is built at the first attention call (`prepare_attention`) from the
+   waiting keys and that call's queries; other codecs are built at once.
+3. With codecs, every token beyond the fp16 budget (the first `fp_sink` tokens
+   in the `sink` store, the newest `fp_window` in `fp`, everything while the
+   cache holds fewer than `quant_start`) is encoded into the `codes` store; a
+   decode step's token goes straight to codes.
+4. Each update sets `pending`; attention clears it.  An update that finds it
+   still set means the model bypassed our attention (it would have attended to
+   the placeholders): it raises instead of returning wrong text.
+Attention sees `blocks()`: sinks, codes, window, in temporal order.  With
+`max_size` the cache is a sliding window with mlx-lm's RotatingKVCache
+semantics (temporal order, `keep` first tokens).
 """
 
 import json
+from typing import NamedTuple
 
 import mlx.core as mx
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import _BaseCache, create_attention_mask
 
-from .codec_factory import FP16, build_codec, calibration_state
+from . import kernels
+from .cache_state import STATE_VERSION, prefixed, restore
+from .codec import check_input
+from .codec_factory import Calibration, build_codec, needs_queries
 from .config import CacheConfig, resolve_config
+from .fp16_codec import FP16, FP_KEY
 from .store import TokenStore
-from .turboquant import check_input
-
-STATE_VERSION = 1
 
 
-class CacheStateError(ValueError):
-    """A saved cache state that is corrupt, from another version, or from another config/model."""
+class Block(NamedTuple):
+    """A run of tokens in one format: k, v are encodings (dicts of (B, H, n, ...) arrays) read by the codecs;
+    fp16 blocks hold {"x": float16 (B, H, n, d)}."""
+
+    k_codec: object
+    v_codec: object
+    k: dict
+    v: dict
+    is_fp: bool
+    length: int
 
 
-def _prefixed(d: dict, prefix: str) -> dict:
-    """The entries of d whose key starts with prefix, with the prefix removed."""
-    return {k[len(prefix):]: v for k, v in d.items() if k.startswith(prefix)}
+class CodeBuffers(NamedTuple):
+    """The codes store's full-capacity buffers (kernels read the first `length` tokens, no copy)."""
+
+    length: int
+    k: dict
+    v: dict
+
+
+def _fp_block(view: dict, n: int) -> Block:
+    return Block(FP16, FP16, {FP_KEY: view["k"]}, {FP_KEY: view["v"]}, True, n)
 
 
 class TurboQuantKVCache(_BaseCache):
-    """KV cache for one attention layer; keys/values arrive as (B, H, L, d) arrays."""
+    """KV cache for one attention layer; keys/values arrive as (B, H, L, d) arrays.
 
-    def __init__(self, config=None, layer: int = 0, max_size=None, keep: int = 0):
+    kv_heads, head_dims: what the model's layer produces ((dk, dv)), when known: other shapes are refused.
+    """
+
+    def __init__(self, config=None, layer: int = 0, max_size=None, keep: int = 0, kv_heads=None, head_dims=None):
         self.config: CacheConfig = resolve_config(config)
         self.layer = layer
         self.max_size = max_size
         self.keep = keep
+        self.expect = (kv_heads, *(head_dims or (None, None)))
         self.offset = 0
         self._clear()
 
     def _clear(self):
-        self.shape = None  # (B, H, k_dim, v_dim)
+        self.shape = None  # (B, H, dk, dv)
         self.k_codec = self.v_codec = None
-        self.codes = TokenStore()  # "k_*" and "v_*" encoded arrays
-        self.fp = TokenStore()  # "k", "v" float16 recent tokens
+        self.calibration_length = 0  # tokens held when the codecs were calibrated (0: not yet)
+        self.codes = TokenStore()  # "k_*" and "v_*" encodings
+        self.fp = TokenStore()  # "k", "v" float16 tokens waiting for codecs, or the recent window
         self.sink = TokenStore(step=1)  # "k", "v" float16 first tokens (attention sinks), exact size
         self.pending = False  # set by update, cleared by attention: catches models that bypass it
 
+    @property
+    def n_kv_heads(self) -> int:
+        return self.shape[1]
+
+    def check_queries(self, queries):
+        """Refuse queries that do not fit this cache: (B, Hq, L, dk) with Hq a multiple of H."""
+        b, hq, _, dk = queries.shape
+        want_b, h, want_dk, _ = self.shape
+        if hq % h or dk != want_dk or b != want_b:
+            raise ValueError(
+                f"queries {tuple(queries.shape)} do not fit this cache (batch {want_b}, {h} KV "
+                f"heads of size {want_dk}): a cache made for another model?"
+            )
+
     # ---- storage -------------------------------------------------------
-    def _build_codecs(self, keys, values, calib=None, queries=None):
+    def _build_codecs(self, keys=None, values=None, state=None, queries=None):
         cfg, (_, h, dk, dv) = self.config, self.shape
-        calib = calib or {}
-        self.k_codec = build_codec(cfg.keys, cfg, dk, h, self.layer, "k", keys, _prefixed(calib, "k_"), queries)
-        self.v_codec = build_codec(cfg.values, cfg, dv, h, self.layer, "v", values, _prefixed(calib, "v_"))
+        state, use = state or {}, kernels.enabled()
+        self.k_codec = build_codec(
+            cfg.keys, cfg, dk, h, self.layer, "k", Calibration(keys, queries, prefixed(state, "k_")), use
+        )
+        self.v_codec = build_codec(
+            cfg.values, cfg, dv, h, self.layer, "v", Calibration(values, None, prefixed(state, "v_")), use
+        )
 
-    def _needs_queries(self) -> bool:
-        """Key codecs calibrated on queries are built at the first attention call, not at update."""
-        spec = self.config.keys
-        return self.k_codec is None and spec.codec == "turboquant" and spec.query_weighting
+    def _waiting_for_queries(self) -> bool:
+        return self.k_codec is None and needs_queries(self.config.keys, "k")
 
-    def encode_pending(self, queries=None):
-        """Move tokens beyond the fp16 budget from the fp store into codes.
-
-        queries: (B, H, M, dk) grouped per KV head, used once to calibrate the key codec.
-        """
+    def prepare_attention(self, queries):
+        """Called by attention with the grouped queries (B, H, M, dk): clears `pending` and encodes the
+        tokens beyond the fp16 budget (building the codecs from these queries the first time)."""
+        self.pending = False
         move = self.fp.length - self._fp_budget(self._held())
         if move > 0:
             self._encode(self.fp.take_front(move), queries)
@@ -82,9 +131,9 @@ class TurboQuantKVCache(_BaseCache):
         keys, values = front["k"], front["v"]
         if self.k_codec is None:
             self._build_codecs(keys, values, queries=queries)
-        # already validated by update_and_fetch
-        enc = {f"k_{n}": a for n, a in self.k_codec.encode(keys, "keys", validate=False).items()}
-        enc.update({f"v_{n}": a for n, a in self.v_codec.encode(values, "values", validate=False).items()})
+            self.calibration_length = self.offset
+        enc = {f"k_{n}": a for n, a in self.k_codec.encode(keys).items()}
+        enc.update({f"v_{n}": a for n, a in self.v_codec.encode(values).items()})
         self.codes.append(enc)
 
     def _fp_budget(self, total: int) -> int:
@@ -95,14 +144,27 @@ class TurboQuantKVCache(_BaseCache):
 
     def _check(self, keys, values):
         if keys.ndim != 4 or values.ndim != 4 or keys.shape[:3] != values.shape[:3]:
-            raise ValueError(f"keys and values must be (B, H, L, d) with equal B, H, L; got {keys.shape} and {values.shape}")
+            raise ValueError(
+                f"keys and values must be (B, H, L, d) with equal B, H, L; got {keys.shape} and {values.shape}"
+            )
         if keys.dtype != values.dtype:
             raise TypeError(f"keys ({keys.dtype}) and values ({values.dtype}) must share a dtype")
         b, h, _, dk = keys.shape
+        got = (b, h, dk, values.shape[-1])
+        want_h, want_dk, want_dv = self.expect
+        if (want_h is not None and h != want_h) or (want_dk is not None and (dk, got[3]) != (want_dk, want_dv)):
+            raise ValueError(
+                f"layer {self.layer} of this model has {want_h} KV heads of sizes (dk, dv) = "
+                f"({want_dk}, {want_dv}); got keys {keys.shape}, values {values.shape}: a cache made "
+                "for another model?"
+            )
         if self.shape is None:
-            self.shape = (b, h, dk, values.shape[-1])
-        elif (b, h, dk, values.shape[-1]) != self.shape:
-            raise ValueError(f"this cache holds (B, H, dk, dv) = {self.shape}; got keys {keys.shape}, values {values.shape}")
+            self.shape = got
+        elif got != self.shape:
+            raise ValueError(
+                f"this cache holds (B, H, dk, dv) = {self.shape}; got keys {keys.shape}, "
+                f"values {values.shape}: a cache made for another model?"
+            )
         check_input(keys, dk, "keys")
         check_input(values, values.shape[-1], "values")
 
@@ -129,30 +191,37 @@ class TurboQuantKVCache(_BaseCache):
             held = self._held()
             self._drop_front(held + n - self.max_size if n == 1 else held - self.max_size + 1)
         new = {"k": keys.astype(mx.float16), "v": values.astype(mx.float16)}
-        if self.fp.length == 0 and not self._needs_queries() and self._fp_budget(self._held() + n) == 0:
+        self.offset += n
+        if self.fp.length == 0 and not self._waiting_for_queries() and self._fp_budget(self._held() + n) == 0:
             self._encode(new)  # the usual decode step: straight to codes, no trip through the fp store
         else:
             self.fp.append(new)
-            if not self._needs_queries():
-                self.encode_pending()
-        self.offset += n
+            if not self._waiting_for_queries():
+                move = self.fp.length - self._fp_budget(self._held())
+                if move > 0:
+                    self._encode(self.fp.take_front(move))
         self.pending = True
         return keys, values
 
     # ---- what attention reads -----------------------------------------
-    def parts(self):
-        """(codec_k, codec_v, enc_k, enc_v) blocks in temporal order: sinks, codes, then the fp16 window."""
+    def blocks(self):
+        """The tokens as Blocks in temporal order: fp16 sinks, codes, then the fp16 window."""
         out = []
         if self.sink.length:
-            view = self.sink.view()
-            out.append((FP16, FP16, {"x": view["k"]}, {"x": view["v"]}))
+            out.append(_fp_block(self.sink.view(), self.sink.length))
         if self.codes.length:
             view = self.codes.view()
-            out.append((self.k_codec, self.v_codec, _prefixed(view, "k_"), _prefixed(view, "v_")))
+            out.append(
+                Block(self.k_codec, self.v_codec, prefixed(view, "k_"), prefixed(view, "v_"), False, self.codes.length)
+            )
         if self.fp.length:
-            view = self.fp.view()
-            out.append((FP16, FP16, {"x": view["k"]}, {"x": view["v"]}))
+            out.append(_fp_block(self.fp.view(), self.fp.length))
         return out
+
+    def code_buffers(self) -> CodeBuffers:
+        """The codes store's full-capacity buffers (no slicing: the kernels read the first `length`)."""
+        bufs = self.codes.buffers
+        return CodeBuffers(self.codes.length, prefixed(bufs, "k_"), prefixed(bufs, "v_"))
 
     # ---- mlx-lm protocol ----------------------------------------------
     def _held(self) -> int:
@@ -197,21 +266,31 @@ class TurboQuantKVCache(_BaseCache):
     def nbytes(self) -> int:
         """Bytes really held: codes and norms (with capacity), fp16 sinks and window, and the codecs'
         per-head constants (rotation signs or matrices, learnt means, weights, channel orders)."""
-        side = sum(getattr(c, "side_nbytes", 0) for c in (self.k_codec, self.v_codec) if c is not None)
+        side = sum(c.side_nbytes for c in (self.k_codec, self.v_codec) if c is not None)
         return self.sink.nbytes + self.codes.nbytes + self.fp.nbytes + side
 
     def _calibration(self) -> dict:
         out = {}
         for p, c in (("k", self.k_codec), ("v", self.v_codec)):
-            out.update({f"{p}_{n}": a for n, a in calibration_state(c).items()})
+            if c is not None:
+                out.update({f"{p}_{n}": a for n, a in c.calibration_state().items()})
         return out
 
     @property
     def state(self):
         meta = {
-            "version": STATE_VERSION, "config": json.loads(self.config.to_json()), "layer": self.layer,
-            "offset": self.offset, "max_size": self.max_size, "keep": self.keep, "shape": self.shape,
-            "n_codes": self.codes.length, "n_fp": self.fp.length, "n_sink": self.sink.length,
+            "version": STATE_VERSION,
+            "config": json.loads(self.config.to_json()),
+            "layer": self.layer,
+            "offset": self.offset,
+            "max_size": self.max_size,
+            "keep": self.keep,
+            "shape": self.shape,
+            "expect": self.expect,
+            "calibration_length": self.calibration_length,
+            "n_codes": self.codes.length,
+            "n_fp": self.fp.length,
+            "n_sink": self.sink.length,
         }
         st = {"tq_meta": json.dumps(meta)}
         st.update({f"codes_{k}": v for k, v in self.codes.view().items()})
@@ -222,32 +301,7 @@ class TurboQuantKVCache(_BaseCache):
 
     @state.setter
     def state(self, st):
-        try:
-            meta = json.loads(st["tq_meta"])
-            version = meta["version"]
-        except Exception as e:
-            raise CacheStateError(f"not a TurboQuantKVCache state (missing or corrupt 'tq_meta'): {e}") from None
-        if version != STATE_VERSION:
-            raise CacheStateError(f"TurboQuantKVCache state version {version} is not supported (expected {STATE_VERSION})")
-        try:
-            self.config = CacheConfig.from_json(json.dumps(meta["config"]))
-        except Exception as e:
-            raise CacheStateError(f"corrupt cache config in state: {e}") from None
-        self.layer, self.offset = meta["layer"], meta["offset"]
-        self.max_size, self.keep = meta["max_size"], meta["keep"]
-        self._clear()
-        self.shape = tuple(meta["shape"]) if meta["shape"] else None
-        codes, fp, sink, calib = (_prefixed(st, p) for p in ("codes_", "fp_", "sink_", "calib_"))
-        for name, store, n in (("codes", codes, meta["n_codes"]), ("fp16 window", fp, meta["n_fp"]),
-                               ("fp16 sinks", sink, meta["n_sink"])):
-            bad = [k for k, v in store.items() if not isinstance(v, mx.array) or v.ndim < 3 or v.shape[2] != n]
-            if bad or (n and not store):
-                raise CacheStateError(f"corrupt cache state: {name} arrays {bad or 'missing'} do not hold {n} tokens")
-        self.codes.load(codes)
-        self.fp.load(fp)
-        self.sink.load(sink)
-        if self.shape is not None and meta["n_codes"]:
-            self._build_codecs(None, None, calib)
+        restore(self, st)
 
     def __deepcopy__(self, memo):
         new = TurboQuantKVCache.__new__(TurboQuantKVCache)

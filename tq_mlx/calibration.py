@@ -8,11 +8,10 @@ import mlx.core as mx
 import numpy as np
 
 
-def outlier_channels(x: mx.array, n_hi: int) -> mx.array:
-    """Per-head channel order, outliers first: x (B, H, T, d) -> int32 (H, d).
+def outlier_channels(x: mx.array) -> mx.array:
+    """Per-head channel order, largest mean square over the data first: x (B, H, T, d) -> int32 (H, d).
 
-    Outliers are the n_hi channels with the largest mean square over the data seen.
-    """
+    The outlier split takes its high-bit segment from the front of this order."""
     energy = mx.mean(x.astype(mx.float32) ** 2, axis=(0, 2))  # (H, d)
     return mx.argsort(-energy, axis=-1).astype(mx.int32)
 

@@ -1,13 +1,13 @@
 """Lloyd-Max codebooks for the coordinates of a uniformly random unit vector.
 
 A coordinate t of x ~ Unif(S^{d-1}) has the law (t + 1) / 2 ~ Beta(a, a) with
-a = (d - 1) / 2 (field notes, section 1).  The codebook is the optimal scalar
+a = (d - 1) / 2 (docs/turboquant.md).  The codebook is the optimal scalar
 quantizer (1-D k-means) of that law, found by Lloyd iterations in which every
 cell probability and cell mean comes in closed form from the regularised
 incomplete beta function.
 """
 
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 from scipy import special, stats
@@ -55,7 +55,7 @@ def _lloyd(moments, init: np.ndarray, lo: float, hi: float, tol: float, max_iter
     return c
 
 
-@lru_cache(maxsize=None)
+@cache
 def _beta_codebook(d: int, bits: int) -> np.ndarray:
     a = (d - 1) / 2.0
     n = 1 << bits
@@ -98,9 +98,11 @@ def expected_mse(d: int, bits: int) -> float:
     return float(d * per_coord)
 
 
-@lru_cache(maxsize=None)
+@cache
 def gaussian_codebook(bits: int) -> np.ndarray:
-    """Lloyd-Max levels of N(0, 1) (Max 1960), float64 of shape (2**bits,): the d -> inf limit of sqrt(d) * codebook(d, bits)."""
+    """Lloyd-Max levels of N(0, 1) (Max 1960), float64 of shape (2**bits,).
+
+    The d -> inf limit of sqrt(d) * codebook(d, bits)."""
     n = 1 << bits
     init = stats.norm.ppf((np.arange(n) + 0.5) / n) * np.sqrt(3.0)
     return _lloyd(lambda e: _gauss_cell_moments(e, 1.0), init, -np.inf, np.inf, tol=1e-7)

@@ -1,21 +1,25 @@
 """Build the codec for one of K or V of one layer from its CodecSpec.
 
-Codecs that learn from data (the outlier split picks its channels, HQMQ its
-outlier threshold) are built from the first keys or values the cache sees;
-`calibration_state` returns what they learnt, so a reloaded cache rebuilds
-the identical codec from `calib_state` without the original data.
+`CODECS` maps each `CodecSpec.codec` name to a `CodecKind`: how to build it and
+whether building needs queries (query-weighted keys).  A new codec is one
+module implementing `codec.Codec` plus one entry here.
+
+Codecs that learn from data (centring means, query weights, the outlier
+split's channel order, HQMQ's outlier threshold) are built from the first
+keys or values (and queries) the cache sees; `Codec.calibration_state()`
+returns what they learnt, and passing it back as `state` rebuilds the
+identical codec without the original data (a reloaded cache).
 """
 
 import math
-
-import mlx.core as mx
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from .calibration import channel_mean, outlier_channels, query_weights, query_whitening
 from .config import CacheConfig, CodecSpec
 from .fp16_codec import FP16
+from .hqmq import HQMQ
 from .turboquant import TurboQuant
-
-
 
 
 def split_sizes(bits: float, d: int):
@@ -25,49 +29,90 @@ def split_sizes(bits: float, d: int):
     64 @ 3 + 64 @ 2.  (The paper's "32 @ 3 + 96 @ 2" is 2.25 bits, not 2.5.)
     """
     lo = math.floor(bits)
-    frac = bits - lo
-    n_hi = int(round(frac * d / 16.0)) * 16
+    n_hi = int(round((bits - lo) * d / 16.0)) * 16
     n_hi = min(max(n_hi, 16), d - 16)
     return [n_hi, d - n_hi], [lo + 1, lo]
 
 
-def build_codec(spec: CodecSpec, cfg: CacheConfig, d: int, n_heads: int, layer: int, part: str,
-                calib_x=None, calib_state=None, calib_q=None):
-    """The codec object for (layer, part)."""
-    if spec.codec == "fp16":
-        return FP16
-    if spec.codec == "hqmq":
-        from .hqmq import HQMQ
+@dataclass(frozen=True)
+class Calibration:
+    """What a codec may learn from: the first vectors x (B, H, T, d), the queries grouped per KV head
+    (B, H, M, d) (keys only), and `state`, a saved `calibration_state()` that takes precedence."""
 
-        codec = HQMQ(d, n_heads, config=spec.hqmq, seed=cfg.seed, layer=layer, part=part,
-                     norm_dtype=spec.norm_dtype)
-        if calib_state:
-            codec.median = calib_state["median"]
-        return codec
-    calib_state = calib_state or {}
-    mean = None
-    if spec.center:
-        mean = calib_state["mean"] if "mean" in calib_state else channel_mean(calib_x)
-    weight = calib_state.get("weight")
-    if weight is None and spec.query_weighting and calib_q is not None:
+    x: object = None
+    queries: object = None
+    state: dict = None
+
+    def get(self, name, compute):
+        """The saved value `name`, else compute() from the data."""
+        return self.state[name] if self.state and name in self.state else compute()
+
+
+def _fp16(spec, cfg, d, n_heads, layer, part, calib, use_kernels):
+    return FP16
+
+
+def _hqmq(spec, cfg, d, n_heads, layer, part, calib, use_kernels):
+    return HQMQ(
+        d, n_heads, config=spec.hqmq, seed=cfg.seed, layer=layer, part=part, median=(calib.state or {}).get("median")
+    )
+
+
+def _turboquant(spec, cfg, d, n_heads, layer, part, calib, use_kernels):
+    mean = calib.get("mean", lambda: channel_mean(calib.x)) if spec.center else None
+    weight = None
+    if part == "k" and spec.query_weighting:
         fn = query_whitening if spec.query_weighting == "full" else query_weights
-        weight = fn(calib_x, calib_q, mean)
-    common = dict(qjl=spec.qjl, qjl_kind=spec.qjl_kind, norm_dtype=spec.norm_dtype,
-                  norm_correction=spec.norm_correction, rotation=cfg.rotation, mean=mean, weight=weight,
-                  grid=spec.grid,
-                  seed=cfg.seed, layer=layer, part=part)
-    bits = float(spec.bits)
-    if bits == int(bits):
-        return TurboQuant(d, n_heads, int(bits), **common)
-    sizes, seg_bits = split_sizes(bits, d)
-    perm = calib_state["perm"] if "perm" in calib_state else outlier_channels(calib_x - (0 if mean is None else mean[:, None]), sizes[0])
+        weight = calib.get("weight", lambda: None if calib.queries is None else fn(calib.x, calib.queries, mean))
+    common = dict(
+        qjl=spec.qjl,
+        rotation=cfg.rotation,
+        mean=mean,
+        weight=weight,
+        grid=spec.grid,
+        seed=cfg.seed,
+        layer=layer,
+        part=part,
+        use_kernels=use_kernels,
+    )
+    if spec.bits == int(spec.bits):
+        return TurboQuant(d, n_heads, int(spec.bits), **common)
+    sizes, seg_bits = split_sizes(spec.bits, d)
+    perm = calib.get("perm", lambda: outlier_channels(calib.x if mean is None else calib.x - mean[:, None]))
     return TurboQuant(d, n_heads, seg_bits, sizes, perm=perm, **common)
 
 
-def calibration_state(codec) -> dict:
-    """What a data-calibrated codec learnt (arrays), to store in the cache's state."""
-    if isinstance(codec, TurboQuant):
-        out = {} if codec.rotation.perm is None else {"perm": codec.rotation.perm}
-        out = out if codec.mean is None else {**out, "mean": codec.mean}
-        return out if codec.weight is None else {**out, "weight": codec.weight}
-    return {"median": codec.median} if getattr(codec, "median", None) is not None else {}
+def _never(spec, part):
+    return False
+
+
+@dataclass(frozen=True)
+class CodecKind:
+    build: Callable  # (spec, cfg, d, n_heads, layer, part, calib, use_kernels) -> Codec
+    needs_queries: Callable  # (spec, part) -> bool
+
+
+CODECS = {
+    "fp16": CodecKind(_fp16, _never),
+    "turboquant": CodecKind(_turboquant, lambda spec, part: part == "k" and bool(spec.query_weighting)),
+    "hqmq": CodecKind(_hqmq, _never),
+}
+
+
+def needs_queries(spec: CodecSpec, part: str) -> bool:
+    """True when building this codec learns from queries (so the cache waits for an attention call)."""
+    return CODECS[spec.codec].needs_queries(spec, part)
+
+
+def build_codec(
+    spec: CodecSpec,
+    cfg: CacheConfig,
+    d: int,
+    n_heads: int,
+    layer: int,
+    part: str,
+    calib: Calibration = Calibration(),
+    use_kernels: bool = False,
+):
+    """The codec object for (layer, part): part "k" or "v"; use_kernels: encode through Metal kernels."""
+    return CODECS[spec.codec].build(spec, cfg, d, n_heads, layer, part, calib, use_kernels)

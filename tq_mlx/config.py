@@ -7,9 +7,20 @@ whole config round-trips through JSON (and so through a prompt-cache file).
 
 import json
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 CODECS = ("turboquant", "hqmq", "fp16")
+GRIDS = ("lloyd-max", "uniform")
+
+
+def _check_bits(bits):
+    """TurboQuant bits: an int 1..8, or a multiple of 1/4 in 1..8 (the outlier split)."""
+    if isinstance(bits, bool) or not isinstance(bits, (int, float)):
+        raise TypeError(f"bits must be a number in 1..8, got {bits!r} ({type(bits).__name__})")
+    if not 1 <= bits <= 8 or (bits * 4) != int(bits * 4):
+        raise ValueError(
+            f"TurboQuant bits must be in 1..8, whole or in quarter steps (2.5: the outlier split), got {bits!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -17,12 +28,11 @@ class CodecSpec:
     """How one of K or V is stored.
 
     codec: "turboquant", "hqmq" or "fp16" (passthrough).
-    bits: TurboQuant bits per coordinate, 1..8; a fraction (2.5, 3.5) means
-        the outlier split: round(frac * d) channels at ceil(bits), the rest at floor(bits).
-    qjl: TurboQuant_prod (bits - 1 mse bits + 1 QJL bit); qjl_kind "orthogonal" or "gaussian".
-    norm_correction: rescale so dequantized vectors keep the exact norm.
-    center: subtract a per-(layer, head) channel mean learnt from the first
-        tokens before encoding; added back exactly in attention (TurboQuant only).
+    bits: TurboQuant bits per coordinate, 1..8; a fraction in quarter steps (2.5, 3.5) means
+        the outlier split: frac * d channels (rounded to 16) at ceil(bits), the rest at floor(bits).
+    qjl: TurboQuant_prod (bits - 1 mse bits + 1 QJL bit).
+    center: subtract a per-(layer, head) channel mean learnt from the first tokens before
+        encoding; added back exactly in attention (TurboQuant only).
     query_weighting: keys only: scale channels by (E q^2 / E k^2)^(1/4), learnt
         from the first queries and keys, and divide queries by the same weights
         (scores unchanged; quantization noise moved off the channels queries use).
@@ -30,41 +40,28 @@ class CodecSpec:
     grid: "lloyd-max" (TurboQuant) or "uniform": the same rotated, centred,
         weighted vectors in MLX's affine format, so attention runs on MLX's
         quantized matmul kernels (the CPU speed option; bits 2, 3, 4, 5, 6, 8).
-    norm_dtype: "float16" or "float32".
     hqmq: HQMQ configuration name, e.g. "s96_r4".
     """
 
     codec: str = "turboquant"
     bits: float = 4
     qjl: bool = False
-    qjl_kind: str = "orthogonal"
-    norm_correction: bool = True
     center: bool = True
     query_weighting: object = True  # True, False or "full"
     grid: str = "lloyd-max"
-    norm_dtype: str = "float16"
     hqmq: str = "s96_r4"
 
     def __post_init__(self):
         if self.codec not in CODECS:
             raise ValueError(f"unknown codec {self.codec!r}; allowed: {CODECS}")
         if self.codec == "turboquant":
-            b = float(self.bits)
-            if not 1 <= b <= 8:
-                raise ValueError(f"TurboQuant bits must be in 1..8 (fractions for the outlier split), got {self.bits}")
-            if self.qjl and b != int(b):
+            _check_bits(self.bits)
+            if self.qjl and self.bits != int(self.bits):
                 raise ValueError(f"QJL takes whole bits (got {self.bits}); the outlier split has no QJL variant")
-        if self.query_weighting not in (True, False, "full"):
+        if not (isinstance(self.query_weighting, bool) or self.query_weighting == "full"):
             raise ValueError(f"query_weighting must be True, False or 'full', got {self.query_weighting!r}")
-        if self.grid not in ("lloyd-max", "uniform"):
-            raise ValueError(f"grid must be 'lloyd-max' or 'uniform', got {self.grid!r}")
-
-    def describe(self) -> str:
-        if self.codec == "fp16":
-            return "fp16"
-        if self.codec == "hqmq":
-            return f"hqmq-{self.hqmq}"
-        return f"tq{self.bits:g}" + ("+qjl" if self.qjl else "") + ("-uniform" if self.grid == "uniform" else "")
+        if self.grid not in GRIDS:
+            raise ValueError(f"grid must be one of {GRIDS}, got {self.grid!r}")
 
 
 @dataclass(frozen=True)
@@ -74,7 +71,7 @@ class CacheConfig:
     keys, values: the CodecSpecs.
     fp_window: the most recent R tokens stay in fp16 (0 = quantize everything).
     fp_sink: the first N tokens (attention sinks) stay in fp16; full-attention layers only.
-        Default 1: on SmolLM2 k4v4 this alone halves the KL to the fp cache.
+        Default 1 (bench/RESULTS.md measures what it buys).
     boundary_layers: the first and last N layers keep mlx-lm's fp cache.
     quant_start: keep every token in fp16 until the cache holds this many, then quantize.
     quantize_sliding: also compress sliding-window (RotatingKVCache) layers.
@@ -91,12 +88,15 @@ class CacheConfig:
     quantize_sliding: bool = True
     rotation: str = "auto"
     seed: int = 0
-    name: str = "custom"
+    name: str = field(default="custom", compare=False)  # a label: configs compare by content
 
     def __post_init__(self):
+        for k in ("keys", "values"):
+            if not isinstance(getattr(self, k), CodecSpec):
+                raise TypeError(f"{k} must be a CodecSpec, got {type(getattr(self, k)).__name__}")
         for k in ("fp_window", "fp_sink", "boundary_layers", "quant_start", "seed"):
             v = getattr(self, k)
-            if not isinstance(v, int) or v < 0:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{k} must be a non-negative integer, got {v!r}")
         if self.rotation not in ("auto", "haar", "hadamard"):
             raise ValueError(f"rotation must be 'auto', 'haar' or 'hadamard', got {self.rotation!r}")
@@ -108,10 +108,6 @@ class CacheConfig:
     def from_json(cls, text: str) -> "CacheConfig":
         d = json.loads(text)
         return cls(**{**d, "keys": CodecSpec(**d["keys"]), "values": CodecSpec(**d["values"])})
-
-    @property
-    def passthrough(self) -> bool:
-        return self.keys.codec == "fp16" and self.values.codec == "fp16"
 
 
 def _kv(kb, vb, **kw):
@@ -126,7 +122,6 @@ PRESETS = {
     "k3v4": _kv(3, 4),
     "k3v3": _kv(3, 3),
     "k2v2": _kv(2, 2),
-    "3.5": _kv(3, 4),  # mixed K3 + V4, like mlx-vlm's 3.5-bit preset
     "2.5": _kv(2.5, 2.5),  # the paper's outlier split: 32 ch @ 3 bits + 96 @ 2 at d=128
     "3.5-split": _kv(3.5, 3.5),
     "k4v4-qjl": _kv(4, 4, qjl=True),
@@ -144,9 +139,16 @@ _KV_RE = re.compile(r"^k(\d(?:\.\d+)?)v(\d(?:\.\d+)?)$")
 
 
 def resolve_config(config=None, **overrides) -> CacheConfig:
-    """A CacheConfig from None (the default preset), a preset name, "kXvY", or a CacheConfig; overrides replace fields."""
+    """A CacheConfig from None (the default preset), a preset name, "kXvY", or a CacheConfig.
+
+    overrides replace fields; a preset they change is renamed ("k4v4+fp_window=64")."""
     if config is None:
         config = DEFAULT_PRESET
+    unknown = sorted(set(overrides) - {f.name for f in fields(CacheConfig)} - {"name"})
+    if unknown:
+        raise TypeError(
+            f"unknown cache option(s) {unknown}; allowed: {[f.name for f in fields(CacheConfig) if f.name != 'name']}"
+        )
     if isinstance(config, CacheConfig):
         cfg = config
     elif isinstance(config, str):
@@ -161,4 +163,9 @@ def resolve_config(config=None, **overrides) -> CacheConfig:
             )
     else:
         raise TypeError(f"config must be a preset name or a CacheConfig, got {type(config).__name__}")
-    return replace(cfg, **overrides) if overrides else cfg
+    new = replace(cfg, **{k: v for k, v in overrides.items() if k != "name"})  # validates every value
+    changed = {k: v for k, v in overrides.items() if k != "name" and getattr(cfg, k) != v}
+    if "name" in overrides or changed:
+        label = overrides.get("name") or cfg.name + "".join(f"+{k}={v}" for k, v in sorted(changed.items()))
+        new = replace(new, name=label)
+    return new

@@ -33,9 +33,9 @@ import math
 import mlx.core as mx
 import numpy as np
 
+from .codec import NORM_DTYPES, check_input
 from .packing import pack, packed_words, unpack
 from .rotation import derive_seed
-from .turboquant import NORM_DTYPES, check_input
 
 CONFIGS = {"s6_r2": (6, 2), "s24_r3": (24, 3), "s96_r4": (96, 4), "s192_r6": (192, 6)}
 MIN_DIM, MAX_DIM = 4, 1020  # d/4 chunks must fit a uint8 slot index below the empty mark
@@ -48,12 +48,15 @@ def quat_mul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Hamilton product of quaternions (..., 4) in (w, x, y, z) order."""
     w1, x1, y1, z1 = np.moveaxis(a, -1, 0)
     w2, x2, y2, z2 = np.moveaxis(b, -1, 0)
-    return np.stack([
-        w1 * w2 - x1 * x2 - y1 * y2 - z1 * z2,
-        w1 * x2 + x1 * w2 + y1 * z2 - z1 * y2,
-        w1 * y2 - x1 * z2 + y1 * w2 + z1 * x2,
-        w1 * z2 + x1 * y2 - y1 * x2 + z1 * w2,
-    ], axis=-1)
+    return np.stack(
+        [
+            w1 * w2 - x1 * x2 - y1 * y2 - z1 * z2,
+            w1 * x2 + x1 * w2 + y1 * z2 - z1 * y2,
+            w1 * y2 - x1 * z2 + y1 * w2 + z1 * x2,
+            w1 * z2 + x1 * y2 - y1 * x2 + z1 * w2,
+        ],
+        axis=-1,
+    )
 
 
 def hurwitz_units() -> np.ndarray:
@@ -82,14 +85,25 @@ def _check_config(d, n_heads, config, norm_dtype, max_outliers):
 
 
 class HQMQ:
-    """HQMQ codec with the TurboQuant interface; see the module docstring.
+    """HQMQ codec (the `codec.Codec` interface); see the module docstring.
 
     config: one of CONFIGS ("s{S}_r{b_r}").  median: float32 (H,) from a
     previous codec's `median`, or None to take it from the first encode.
     """
 
-    def __init__(self, d, n_heads, config="s96_r4", *, seed=0, layer=0, part="k", norm_dtype="float16",
-                 max_outliers=2, median=None):
+    def __init__(
+        self,
+        d,
+        n_heads,
+        config="s96_r4",
+        *,
+        seed=0,
+        layer=0,
+        part="k",
+        norm_dtype="float16",
+        max_outliers=2,
+        median=None,
+    ):
         _check_config(d, n_heads, config, norm_dtype, max_outliers)
         self.d, self.n_heads, self.config = int(d), int(n_heads), config
         self.S, self.radius_bits = CONFIGS[config]
@@ -189,12 +203,14 @@ class HQMQ:
             return self._nearest(u).reshape(b, h, t, c)
         parts = []
         for i in range(0, t * c, step):
-            parts.append(self._nearest(u[:, :, i:i + step]))
+            parts.append(self._nearest(u[:, :, i : i + step]))
             mx.eval(parts[-1])
         return mx.concatenate(parts, axis=-1).reshape(b, h, t, c)
 
     def _outliers(self, xc, r):
-        """Slots for the largest chunks above 3x the median: oidx (.., K) uint8, oval (.., 4K) fp16, kept mask (.., C)."""
+        """Slots for the largest chunks above 3x the median.
+
+        Returns oidx (.., K) uint8, oval (.., 4K) fp16 and the kept mask (.., C)."""
         k = self.max_outliers
         cand = r > OUTLIER_FACTOR * self.median[None, :, None, None]
         order = mx.argsort(mx.where(cand, -r, 1.0), axis=-1)[..., :k]
@@ -205,10 +221,8 @@ class HQMQ:
         kept = (oidx[..., None] == mx.arange(self.chunks)).any(axis=-2)
         return oidx, oval.reshape(*oval.shape[:3], 4 * k), kept
 
-    def encode(self, x: mx.array, what: str = "input", validate: bool = True) -> dict:
+    def encode(self, x: mx.array) -> dict:
         """Codes for x (B, H, T, d): a dict of arrays with leading dims (B, H, T)."""
-        if validate:
-            check_input(x, self.d, what, self.n_heads)
         xc, r = self._chunk_norms(x)
         enc = {}
         kept = None
@@ -252,12 +266,22 @@ class HQMQ:
             out = out + mx.swapaxes(onehot, -1, -2) @ oval
         return out.reshape(b, h, t, c * 4)
 
-    def decode_rotated(self, enc: dict) -> mx.array:
+    mean_rot = None  # no centring
+
+    def decode_stored(self, enc: dict) -> mx.array:
         return self.decode(enc)
 
     def rotate_query(self, q: mx.array) -> mx.array:
         """q (B, H, M, d) as float32 (HQMQ has no rotation)."""
         return q.astype(mx.float32)
+
+    to_stored = rotate_query
+
+    def calibration_state(self) -> dict:
+        return {} if self.median is None else {"median": self.median}
+
+    def kernel_reason(self):
+        return "HQMQ has no Metal kernel"
 
     def unrotate(self, acc: mx.array) -> mx.array:
         return acc

@@ -16,6 +16,7 @@ Kernels:
 - tq_encode: rotated vectors -> packed codes + norms (one segment, no QJL).
 """
 
+import os
 from importlib import resources
 
 import mlx.core as mx
@@ -26,6 +27,8 @@ MIN_BLOCK = 256  # keys per split-K block, at least
 MAX_BLOCKS = 128  # split-K blocks per KV head, at most
 SUPPORTED_D = (64, 80, 96, 128, 256)
 MAX_BITS = 8
+
+MODES = ("auto", "reference", "metal")
 
 _SOURCES = {}
 _KERNELS = {}
@@ -57,25 +60,32 @@ def kernel(name: str):
     return k
 
 
-def clear_cache():
-    _KERNELS.clear()
+def mode() -> str:
+    """TQ_MLX_ATTENTION: "auto" (default), "reference" or "metal"."""
+    m = os.environ.get("TQ_MLX_ATTENTION", "auto")
+    if m not in MODES:
+        raise ValueError(f"TQ_MLX_ATTENTION must be one of {MODES}, got {m!r}")
+    return m
+
+
+def enabled() -> bool:
+    """True when the kernels serve this process: TQ_MLX_ATTENTION=metal (on a machine without Metal
+    that only works under an emulator such as metal_emu's patched_mlx()), or auto with a Metal back-end."""
+    m = mode()
+    return m == "metal" or (m == "auto" and mx.metal.is_available())
 
 
 def _params(*vals):
     return mx.array(list(vals), dtype=mx.int32)
 
 
-def num_blocks(T: int, force_blocks=None, block=None):
+def num_blocks(T: int, block=None):
     """(keys per block, blocks) for T tokens: one pass up to SINGLE_PASS_MAX, split-K beyond.
 
-    force_blocks / block (tests, benchmarks) impose the number of blocks or the keys per block."""
+    block (tests) imposes the keys per block."""
     if block is not None:
         block = max(1, int(block))
         return block, -(-T // block)
-    if force_blocks is not None:
-        nb = max(1, min(int(force_blocks), T))
-        blk = -(-T // nb)
-        return blk, -(-T // blk)
     if T <= SINGLE_PASS_MAX:
         return T, 1
     blk = max(MIN_BLOCK, -(-T // MAX_BLOCKS))
@@ -95,8 +105,16 @@ def decode_partial(q, kc, kn, vc, vn, kcb, vcb, T: int, block: int, nblocks: int
     vbits = int(vcb.shape[0]).bit_length() - 1
     k = kernel("tq_decode")
     o, m, l = k(
-        inputs=[q.astype(mx.float32), kc, kn, vc, vn, kcb.astype(mx.float32), vcb.astype(mx.float32),
-                _params(T, block)],
+        inputs=[
+            q.astype(mx.float32),
+            kc,
+            kn,
+            vc,
+            vn,
+            kcb.astype(mx.float32),
+            vcb.astype(mx.float32),
+            _params(T, block),
+        ],
         template=[("NT", kn.dtype), ("D", D), ("KB", kbits), ("VB", vbits), ("G", G)],
         grid=(32 * NSG, BH, nblocks),
         threadgroup=(32 * NSG, 1, 1),
@@ -120,14 +138,14 @@ def merge(o, m, l):
     )
 
 
-def decode_attention(q, kc, kn, vc, vn, kcb, vcb, T: int, force_blocks=None, block=None):
+def decode_attention(q, kc, kn, vc, vn, kcb, vcb, T: int, block=None):
     """Decode attention over the first T coded tokens: q (BH, G, D) pre-rotated and pre-scaled.
 
     Returns (o, m, l): o (BH, G, D) un-normalised rotated-domain output, m and l (BH, G) its max and
     sum-exp, so the caller merges it exactly with other key blocks (the fp16 window, sinks).
     """
     BH, G, D = q.shape
-    block, nb = num_blocks(T, force_blocks, block)
+    block, nb = num_blocks(T, block)
     o, m, l = decode_partial(q, kc, kn, vc, vn, kcb, vcb, T, block, nb)
     if nb == 1:
         return o[:, 0], m[:, 0], l[:, 0]

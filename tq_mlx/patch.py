@@ -9,17 +9,16 @@ loaded.  Calls with any other cache go to mlx-lm's original function.
 
 import sys
 
+from .attention import attention
+from .cache import TurboQuantKVCache
+
 _ORIGINAL = None
 _PREFIX = "mlx_lm.models."
 
 
 def tq_scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
     """Drop-in for mlx_lm.models.base.scaled_dot_product_attention."""
-    from .cache import TurboQuantKVCache
-
     if isinstance(cache, TurboQuantKVCache):
-        from .dispatch import attention
-
         return attention(cache, queries, scale, mask, sinks)
     return _ORIGINAL(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
 
@@ -32,12 +31,9 @@ def install():
     if _ORIGINAL is None:
         _ORIGINAL = base.scaled_dot_product_attention
     for name, mod in list(sys.modules.items()):
-        if (name.startswith(_PREFIX) and mod is not None
-                and getattr(mod, "scaled_dot_product_attention", None) is _ORIGINAL):
+        if (
+            name.startswith(_PREFIX)
+            and mod is not None
+            and getattr(mod, "scaled_dot_product_attention", None) is _ORIGINAL
+        ):
             mod.scaled_dot_product_attention = tq_scaled_dot_product_attention
-
-
-def installed() -> bool:
-    import mlx_lm.models.base as base
-
-    return base.scaled_dot_product_attention is tq_scaled_dot_product_attention

@@ -11,10 +11,13 @@ import sys
 
 from mlx_lm.models import cache as mlx_cache
 
-from .cache import CacheStateError, TurboQuantKVCache
+from . import patch
+from .cache import TurboQuantKVCache
+from .cache_state import CacheStateError
 from .config import resolve_config
 
 _DIRECT_SDPA = "mx.fast.scaled_dot_product_attention("
+KEEP = 4  # first tokens a sliding window keeps, as mlx-lm's make_prompt_cache(max_kv_size=...)
 
 
 def _check_model(model):
@@ -37,29 +40,52 @@ def _check_model(model):
             )
 
 
+def _layer_dims(model, i: int, n: int):
+    """(kv_heads, (dk, dv)) of layer i's attention when the model says so, else (None, None)."""
+    layers = getattr(model, "layers", None)
+    if layers is None or len(layers) != n:
+        return None, None
+    attn = getattr(layers[i], "self_attn", None)
+    h, d = getattr(attn, "n_kv_heads", None), getattr(attn, "head_dim", None)
+    if isinstance(h, int) and isinstance(d, int):
+        return h, (d, d)
+    return None, None
+
+
+def _bounded(c, max_kv_size):
+    """mlx-lm's fp cache for a layer kept uncompressed, as a sliding window when max_kv_size is set."""
+    if max_kv_size is not None and type(c) is mlx_cache.KVCache:
+        return mlx_cache.RotatingKVCache(max_size=max_kv_size, keep=KEEP)
+    return c
+
+
 def make_prompt_cache(model, config=None, max_kv_size=None, **overrides):
     """A cache list for `model`: TurboQuant layers where attention is plain KV or sliding-window.
 
     config: preset name, "kXvY" or CacheConfig (default "k4v4"); overrides set CacheConfig fields
     (fp_window, boundary_layers, quant_start, quantize_sliding, rotation, seed).
     max_kv_size: a sliding window of that many tokens (keep=4, as mlx-lm) for every full-attention
-        layer, also for models with their own make_cache (where mlx-lm ignores it).
+        layer, compressed or not, also for models with their own make_cache (where mlx-lm ignores it).
     """
     cfg = resolve_config(config, **overrides)
+    if max_kv_size is not None and (
+        isinstance(max_kv_size, bool) or not isinstance(max_kv_size, int) or max_kv_size <= KEEP
+    ):
+        raise ValueError(f"max_kv_size must be an integer above {KEEP}, got {max_kv_size!r}")
     _check_model(model)
-    from . import patch
-
-    patch.install()
-    base = mlx_cache.make_prompt_cache(model, max_kv_size=max_kv_size)
+    patch.install()  # mlx-lm model modules imported since `import tq_mlx` are routed too
+    base = mlx_cache.make_prompt_cache(model)
     n, nb = len(base), cfg.boundary_layers
     out = []
     for i, c in enumerate(base):
+        h, dims = _layer_dims(model, i, n)
         if i < nb or i >= n - nb:
-            out.append(c)
+            out.append(_bounded(c, max_kv_size))
         elif type(c) is mlx_cache.KVCache:
-            out.append(TurboQuantKVCache(cfg, i, max_size=max_kv_size, keep=4 if max_kv_size else 0))
+            keep = KEEP if max_kv_size else 0
+            out.append(TurboQuantKVCache(cfg, i, max_size=max_kv_size, keep=keep, kv_heads=h, head_dims=dims))
         elif type(c) is mlx_cache.RotatingKVCache and cfg.quantize_sliding:
-            out.append(TurboQuantKVCache(cfg, i, max_size=c.max_size, keep=c.keep))
+            out.append(TurboQuantKVCache(cfg, i, max_size=c.max_size, keep=c.keep, kv_heads=h, head_dims=dims))
         else:
             out.append(c)
     return out
@@ -68,7 +94,10 @@ def make_prompt_cache(model, config=None, max_kv_size=None, **overrides):
 def load_prompt_cache(path, model=None, config=None, return_metadata=False):
     """mlx-lm's load_prompt_cache, checked: with `config` or `model`, a file from another config
     or another model raises CacheStateError instead of producing wrong text."""
-    cache, meta = mlx_cache.load_prompt_cache(str(path), return_metadata=True)
+    try:
+        cache, meta = mlx_cache.load_prompt_cache(str(path), return_metadata=True)
+    except CacheStateError as e:
+        raise CacheStateError(f"{path}: {e}") from None
     if model is not None:
         expect = make_prompt_cache(model, config or _first_config(cache))
         if len(expect) != len(cache) or any(type(a) is not type(b) for a, b in zip(expect, cache)):
@@ -77,12 +106,25 @@ def load_prompt_cache(path, model=None, config=None, return_metadata=False):
                 f"{sorted({type(c).__name__ for c in cache})}, the model expects {len(expect)} of "
                 f"{sorted({type(c).__name__ for c in expect})}: it was saved for another model or config"
             )
+        for a, b in zip(expect, cache):
+            if (
+                isinstance(a, TurboQuantKVCache)
+                and None not in a.expect
+                and b.shape is not None
+                and (b.shape[1], *b.shape[2:]) != a.expect
+            ):
+                raise CacheStateError(
+                    f"{path}: layer {a.layer} holds {b.shape[1]} KV heads of sizes "
+                    f"{b.shape[2:]}, the model has {a.expect[0]} of {a.expect[1:]}: "
+                    "it was saved for another model"
+                )
     if config is not None:
         want = resolve_config(config)
         for c in cache:
-            if isinstance(c, TurboQuantKVCache) and c.config.to_json() != want.to_json():
+            if isinstance(c, TurboQuantKVCache) and c.config != want:
                 raise CacheStateError(
-                    f"{path}: saved with KV config {c.config.name!r}, expected {want.name!r}"
+                    f"{path}: saved with KV config {c.config.name!r}, expected {want.name!r} "
+                    f"(they differ in content: {c.config.to_json()} vs {want.to_json()})"
                 )
     return (cache, meta) if return_metadata else cache
 

@@ -78,11 +78,6 @@ def rotation_matrix(d: int, seed: int, kind: str = "haar") -> np.ndarray:
     return m
 
 
-def stacked_rotations(d: int, seeds, kind: str = "haar") -> mx.array:
-    """Rotations for several heads: float32 (len(seeds), d, d)."""
-    return mx.array(np.stack([rotation_matrix(d, int(s), kind) for s in seeds]))
-
-
 class HeadRotation:
     """One orthogonal transform per head, applied to x of shape (B, H, T, d).
 

@@ -8,7 +8,6 @@ caches small at no real cost: one copy of the store per 64 appended tokens.
 
 import mlx.core as mx
 
-
 STEP = 64
 
 

@@ -20,30 +20,14 @@ import mlx.core as mx
 import numpy as np
 
 from . import codebook as cbk
+from . import kernels
 from .affine_segment import AffineSegment
+from .codec import NORM_DTYPES
 from .packing import pack, packed_words, unpack
 from .rotation import HeadRotation, derive_seed, rotation_matrix
 
 GRIDS = ("lloyd-max", "uniform")
-NORM_DTYPES = {"float16": mx.float16, "float32": mx.float32}
 QJL_KINDS = ("gaussian", "orthogonal")
-
-
-def check_input(x: mx.array, d: int, what: str = "input", n_heads=None):
-    """Reject a wrong shape (trailing dim d; (B, n_heads, T, d) when n_heads is given), a non-float
-    dtype or non-finite values, with a clear message."""
-    if n_heads is not None and (x.ndim != 4 or x.shape[1] != n_heads):
-        raise ValueError(f"{what} must have shape (B, {n_heads}, T, {d}), got {tuple(x.shape)}")
-    if x.shape[-1] != d:
-        raise ValueError(f"{what} has trailing dimension {x.shape[-1]}, this codec was built for d={d}")
-    if not mx.issubdtype(x.dtype, mx.floating):
-        raise TypeError(f"{what} must be float16, bfloat16 or float32, got {x.dtype}")
-    bad = int((~mx.isfinite(x)).sum().item())
-    if bad:
-        raise ValueError(
-            f"{what} contains {bad} non-finite value(s) (NaN or inf); TurboQuant rejects them "
-            "rather than storing garbage codes. Nothing was encoded."
-        )
 
 
 def quantize_levels(u: mx.array, edges: mx.array, bits: int) -> mx.array:
@@ -58,13 +42,6 @@ def quantize_levels(u: mx.array, edges: mx.array, bits: int) -> mx.array:
     return idx
 
 
-def _encode_kernel_ok(n: int) -> bool:
-    """The tq_encode Metal kernel serves segments of supported size when the kernels are enabled."""
-    from . import dispatch, kernels
-
-    return n in kernels.SUPPORTED_D and dispatch.kernels_enabled()
-
-
 def _sign_pm(words: mx.array, n: int) -> mx.array:
     return unpack(words, 1, n).astype(mx.float32) * 2.0 - 1.0
 
@@ -72,10 +49,12 @@ def _sign_pm(words: mx.array, n: int) -> mx.array:
 class Segment:
     """One TurboQuant instance over `n` rotated coordinates: mse at `mse_bits` (0 = none) plus optional QJL."""
 
-    def __init__(self, n, bits, qjl, qjl_kind, qjl_seeds, norm_correction):
+    def __init__(self, n, bits, qjl, qjl_kind, qjl_seeds, norm_correction, use_kernels=False):
         self.n, self.bits, self.qjl = n, bits, qjl
         self.mse_bits = bits - 1 if qjl else bits
         self.norm_correction = norm_correction
+        # encode through the tq_encode Metal kernel (the caller decides: kernels.enabled())
+        self.kernel_encode = use_kernels and not qjl and n in kernels.SUPPORTED_D
         if self.mse_bits:
             levels = cbk.codebook(n, self.mse_bits)
             self.levels = mx.array(levels)
@@ -101,9 +80,7 @@ class Segment:
         return (32 * words + norm_bits * (1 + self.qjl)) / self.n
 
     def encode(self, y: mx.array, norm_dtype) -> dict:
-        if not self.qjl and _encode_kernel_ok(self.n):
-            from . import kernels
-
+        if self.kernel_encode:
             codes, norm = kernels.encode_rotated(y, self.levels, self.edges, norm_dtype, self.norm_correction)
             return {"codes": codes, "norm": norm}
         norm = mx.linalg.norm(y, axis=-1)
@@ -163,7 +140,7 @@ class Segment:
 
 
 class TurboQuant:
-    """TurboQuant for (B, H, T, d) vectors, one rotation per head.
+    """TurboQuant for (B, H, T, d) vectors, one rotation per head (the `codec.Codec` interface).
 
     bits: one int per segment; sizes: the segment sizes (sum d).  With `perm`
     (int32 (H, d)) the first sizes[0] permuted channels form the first segment
@@ -177,11 +154,31 @@ class TurboQuant:
     is shaped away from the directions queries use most.
     grid: "lloyd-max" (the TurboQuant codebooks) or "uniform" (MLX's affine
     format on the rotated vectors, so attention uses MLX's quantized kernels).
+    use_kernels: encode through the tq_encode Metal kernel where it applies.
+    Research options (not in CodecSpec): qjl_kind, norm_dtype, norm_correction.
     """
 
-    def __init__(self, d, n_heads, bits, sizes=None, *, qjl=False, qjl_kind="orthogonal",
-                 norm_dtype="float16", norm_correction=True, rotation="auto", perm=None,
-                 mean=None, weight=None, grid="lloyd-max", seed=0, layer=0, part="k"):
+    def __init__(
+        self,
+        d,
+        n_heads,
+        bits,
+        sizes=None,
+        *,
+        qjl=False,
+        qjl_kind="orthogonal",
+        norm_dtype="float16",
+        norm_correction=True,
+        rotation="auto",
+        perm=None,
+        mean=None,
+        weight=None,
+        grid="lloyd-max",
+        seed=0,
+        layer=0,
+        part="k",
+        use_kernels=False,
+    ):
         sizes = [d] if sizes is None else list(sizes)
         bits = [bits] if isinstance(bits, int) else list(bits)
         if sum(sizes) != d or len(sizes) != len(bits):
@@ -205,8 +202,15 @@ class TurboQuant:
             self.segments = [AffineSegment(n, b) for n, b in zip(sizes, bits)]
         else:
             self.segments = [
-                Segment(n, b, qjl, qjl_kind, [derive_seed(seed, layer, h, part, 100 + i) for h in range(n_heads)],
-                        norm_correction)
+                Segment(
+                    n,
+                    b,
+                    qjl,
+                    qjl_kind,
+                    [derive_seed(seed, layer, h, part, 100 + i) for h in range(n_heads)],
+                    norm_correction,
+                    use_kernels,
+                )
                 for i, (n, b) in enumerate(zip(sizes, bits))
             ]
         self._cuts = np.cumsum(sizes)[:-1].tolist()
@@ -215,15 +219,12 @@ class TurboQuant:
         self._winv = None
         if self.weight is not None and self.weight.ndim == 3:
             self._winv = mx.array(np.linalg.inv(np.array(self.weight, dtype=np.float64)).astype(np.float32))
-        self._mean_rot = None
-        if mean is not None:
-            wm = self._weigh(self.mean[None, :, None, :])[0, :, 0]
-            self._mean_rot = self.rotation.forward(wm[None, :, None, :])
+        self.mean_rot = None if mean is None else self.to_stored(self.mean[None, :, None, :])
 
     @property
     def side_nbytes(self) -> int:
-        """Bytes of per-head constants held (rotation signs or matrices, QJL matrices)."""
-        extra = 0 if self.mean is None else self.mean.nbytes + self._mean_rot.nbytes
+        """Bytes of per-head constants held (rotation signs or matrices, means, weights, QJL matrices)."""
+        extra = 0 if self.mean is None else self.mean.nbytes + self.mean_rot.nbytes
         extra += 0 if self.weight is None else self.weight.nbytes * (1 + (self._winv is not None))
         return extra + self.rotation.nbytes + sum(s.side_nbytes for s in self.segments)
 
@@ -232,23 +233,44 @@ class TurboQuant:
         nb = 16 if self.norm_dtype == mx.float16 else 32
         return sum(s.stored_bits(nb) * s.n for s in self.segments) / self.d
 
+    def calibration_state(self) -> dict:
+        out = {} if self.rotation.perm is None else {"perm": self.rotation.perm}
+        out = out if self.mean is None else {**out, "mean": self.mean}
+        return out if self.weight is None else {**out, "weight": self.weight}
+
+    # ---- what the Metal kernels read ---------------------------------------
+    def kernel_reason(self):
+        """None when the kernels read these codes (one Lloyd-Max segment, no QJL, 1..8 bits,
+        d in kernels.SUPPORTED_D), else a short reason."""
+        if len(self.segments) != 1:
+            return f"{len(self.segments)} segments (outlier split)"
+        seg = self.segments[0]
+        if isinstance(seg, AffineSegment):
+            return "the uniform grid (MLX's quantized kernels serve it)"
+        if seg.qjl:
+            return "QJL"
+        if self.d not in kernels.SUPPORTED_D:
+            return f"head_dim {self.d} not in {kernels.SUPPORTED_D}"
+        return None
+
+    @property
+    def levels(self) -> mx.array:
+        """The Lloyd-Max codebook of the single segment, float32 (2**bits,) (see kernel_reason)."""
+        return self.segments[0].levels
+
+    # ---- the codec interface -------------------------------------------------
     def _split(self, y):
         return [y] if len(self.segments) == 1 else mx.split(y, self._cuts, axis=-1)
 
     def _join(self, parts):
         return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
 
-    def encode(self, x: mx.array, what: str = "input", validate: bool = True) -> dict:
-        """Codes for x (B, H, T, d): a dict of arrays with leading dims (B, H, T).
-
-        validate=False skips check_input, for callers (the cache) that already ran it.
-        """
-        if validate:
-            check_input(x, self.d, what, self.n_heads)
+    def encode(self, x: mx.array) -> dict:
+        """Codes for x (B, H, T, d): a dict of arrays with leading dims (B, H, T)."""
         x = x.astype(mx.float32)
         if self.mean is not None:
             x = x - self.mean[:, None, :]
-        y = self.rotation.forward(self._weigh(x))
+        y = self.to_stored(x)
         enc = {}
         for i, (seg, ys) in enumerate(zip(self.segments, self._split(y))):
             enc.update({f"{k}{i}": v for k, v in seg.encode(ys, self.norm_dtype).items()})
@@ -257,16 +279,28 @@ class TurboQuant:
     def _enc(self, enc, i):
         return {k[:-1]: v for k, v in enc.items() if k.endswith(str(i))}
 
-    def decode_rotated(self, enc: dict) -> mx.array:
+    def decode_stored(self, enc: dict) -> mx.array:
+        """y~ (B, H, T, d) float32 in the stored domain, centring mean included."""
         y = self._join([s.decode(self._enc(enc, i)) for i, s in enumerate(self.segments)])
-        return y if self._mean_rot is None else y + self._mean_rot
+        return y if self.mean_rot is None else y + self.mean_rot
 
     def decode(self, enc: dict) -> mx.array:
         """x~ (B, H, T, d) float32."""
-        return self.unrotate(self.decode_rotated(enc))
+        return self.unrotate(self.decode_stored(enc))
+
+    def segment_values(self, enc: dict, i: int = 0) -> mx.array:
+        """n * c[idx] of segment i, without the mean: float32 (B, H, T, n) (what the kernels compute)."""
+        return self.segments[i].mse_values(self._enc(enc, i))
+
+    def to_stored(self, x: mx.array) -> mx.array:
+        """R (w * x) (or R A x) for x (B, H, T, d): float32."""
+        x = x.astype(mx.float32)
+        if self.weight is not None:
+            x = x @ mx.swapaxes(self.weight, -1, -2) if self._winv is not None else x * self.weight[:, None, :]
+        return self.rotation.forward(x)
 
     def rotate_query(self, q: mx.array) -> mx.array:
-        """R (q / w) for q (B, H, M, d) (queries grouped per KV head)."""
+        """R (q / w) (or R A^-T q) for q (B, H, M, d) (queries grouped per KV head)."""
         q = q.astype(mx.float32)
         if self.weight is not None:
             q = q @ self._winv if self._winv is not None else q / self.weight[:, None, :]
@@ -276,12 +310,12 @@ class TurboQuant:
         """<R q, y~_t>: q_rot (B, H, M, d) -> (B, H, M, T) float32."""
         parts = self._split(q_rot)
         s = sum(s.scores(qs, self._enc(enc, i)) for i, (s, qs) in enumerate(zip(self.segments, parts)))
-        return s if self._mean_rot is None else s + q_rot @ mx.swapaxes(self._mean_rot, -1, -2)
+        return s if self.mean_rot is None else s + q_rot @ mx.swapaxes(self.mean_rot, -1, -2)
 
     def accumulate(self, p: mx.array, enc: dict) -> mx.array:
         """sum_t p_t y~_t in the rotated domain: p (B, H, M, T) -> (B, H, M, d)."""
         acc = self._join([s.accumulate(p, self._enc(enc, i)) for i, s in enumerate(self.segments)])
-        return acc if self._mean_rot is None else acc + p.sum(axis=-1, keepdims=True) * self._mean_rot
+        return acc if self.mean_rot is None else acc + p.sum(axis=-1, keepdims=True) * self.mean_rot
 
     def unrotate(self, acc: mx.array) -> mx.array:
         """R^T acc / w: back to the original domain."""
@@ -289,9 +323,3 @@ class TurboQuant:
         if self.weight is None:
             return x
         return x @ mx.swapaxes(self._winv, -1, -2) if self._winv is not None else x / self.weight[:, None, :]
-
-    def _weigh(self, x):
-        """w * x or x A^T for x (B, H, T, d)."""
-        if self.weight is None:
-            return x
-        return x @ mx.swapaxes(self.weight, -1, -2) if self._winv is not None else x * self.weight[:, None, :]

@@ -1,0 +1,86 @@
+"""Restoring a TurboQuantKVCache from its `state` (mlx-lm's load_prompt_cache), with every check.
+
+mlx-lm rebuilds a cache with `cls.__new__` and `obj.state = state`, so the
+state holds every setting.  A state that is not ours, from another version,
+inconsistent, or holding non-finite numbers raises CacheStateError naming
+the problem, before anything is used.
+"""
+
+import json
+
+import mlx.core as mx
+
+from .config import CacheConfig
+
+STATE_VERSION = 2
+_FP_PARTS = (("codes", "n_codes"), ("fp16 window", "n_fp"), ("fp16 sinks", "n_sink"))
+_PREFIX = {"codes": "codes_", "fp16 window": "fp_", "fp16 sinks": "sink_"}
+
+
+class CacheStateError(ValueError):
+    """A saved cache state that is corrupt, from another version, or from another config/model."""
+
+
+def prefixed(d: dict, prefix: str) -> dict:
+    """The entries of d whose key starts with prefix, with the prefix removed."""
+    return {k[len(prefix) :]: v for k, v in d.items() if k.startswith(prefix)}
+
+
+def _error(msg):
+    return CacheStateError(msg)
+
+
+def _meta(st) -> dict:
+    try:
+        meta = json.loads(st["tq_meta"])
+        version = meta["version"]
+    except Exception as e:
+        raise _error(f"not a TurboQuantKVCache state (missing or corrupt 'tq_meta'): {e}") from None
+    if version != STATE_VERSION:
+        raise _error(
+            f"TurboQuantKVCache state version {version} is not supported (expected {STATE_VERSION}); "
+            "re-create the prompt cache with this version of tq-mlx"
+        )
+    return meta
+
+
+def _check_finite(name: str, arrays: dict):
+    bad = [k for k, a in arrays.items() if mx.issubdtype(a.dtype, mx.floating) and not mx.isfinite(a).all().item()]
+    if bad:
+        raise _error(f"corrupt cache file: {name} arrays {bad} hold non-finite values (NaN or inf)")
+
+
+def restore(cache, st):
+    """Set cache (a TurboQuantKVCache, possibly built by __new__) from state dict st."""
+    meta = _meta(st)
+    try:
+        config = CacheConfig.from_json(json.dumps(meta["config"]))
+        layer, offset, max_size, keep = meta["layer"], meta["offset"], meta["max_size"], meta["keep"]
+        shape, expect = meta["shape"], tuple(meta["expect"])
+        counts = {name: meta[key] for name, key in _FP_PARTS}
+    except Exception as e:
+        raise _error(f"corrupt cache metadata: {type(e).__name__}: {e}") from None
+    stores = {name: prefixed(st, _PREFIX[name]) for name in counts}
+    for name, n in counts.items():
+        arrays = stores[name]
+        bad = [k for k, v in arrays.items() if not isinstance(v, mx.array) or v.ndim < 3 or v.shape[2] != n]
+        if bad or (n and not arrays):
+            raise _error(f"corrupt cache state: {name} arrays {bad or 'missing'} do not hold {n} tokens")
+        _check_finite(name, arrays)
+    calib = prefixed(st, "calib_")
+    _check_finite("calibration", calib)
+    if sum(counts.values()) > offset:
+        raise _error(f"corrupt cache state: {sum(counts.values())} tokens held but offset {offset}")
+    cache.config, cache.layer, cache.max_size, cache.keep = config, layer, max_size, keep
+    cache.expect, cache.offset = expect, offset
+    cache._clear()
+    cache.shape = tuple(shape) if shape else None
+    cache.calibration_length = meta["calibration_length"]
+    cache.codes.load(stores["codes"])
+    cache.fp.load(stores["fp16 window"])
+    cache.sink.load(stores["fp16 sinks"])
+    if cache.shape is not None and counts["codes"]:
+        try:
+            cache._build_codecs(state=calib)
+        except Exception as e:
+            raise _error(f"corrupt cache state: the codecs cannot be rebuilt ({type(e).__name__}: {e})") from None
