@@ -6,18 +6,20 @@ sliding_window_pattern).  Per-token bytes of a codec are the bytes its own
 `encode` returns for one token; per-layer constants (rotations, QJL matrices,
 HQMQ tables, outlier permutations) are added once per layer.  Sliding layers
 hold min(context, window) tokens; boundary layers keep the fp cache.
-Allocated sizes round the code and window stores up to their growth step (tq_mlx.store.STEP); the fp16 sink
-store is exactly sized.
+Allocated sizes round the code store (and the exact store before calibration) up to their growth step
+(tq_mlx.store.STEP) for a one-shot fill; the fp16 sink and window stores are exactly sized.
 """
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 from mlx_lm.models import cache as mlx_cache
 
 import tq_mlx
+from tq_mlx.calibration import QueryStats
 from tq_mlx.codec_factory import Calibration, build_codec
 from tq_mlx.store import STEP
 
@@ -55,23 +57,38 @@ def _ceil(n, step):
 def codec_cost(spec, cfg, h, d, layer, part):
     """Bytes per token over all heads of one codec: what its `encode` returns for one token."""
     x = mx.random.normal((1, h, 32, d))
-    codec = build_codec(spec, cfg, d, h, layer, part, Calibration(x, mx.random.normal((1, h, 1, d))))
+    queries = QueryStats.of(mx.random.normal((1, h, 1, d)), spec.query_weighting == "full")
+    codec = build_codec(spec, cfg, d, h, layer, part, Calibration(x, queries))
     return sum(a.nbytes for a in codec.encode(x[:, :, :1]).values())
 
 
 def layer_constant(cfg, layer, h, d, window=None):
     """Per-layer constant bytes (rotations, QJL matrices, HQMQ tables, learnt calibration) as the cache
-    counts them: nbytes of a one-token cache minus its token stores."""
+    counts them: nbytes of a calibrated cache minus its token stores."""
     c = tq_mlx.TurboQuantKVCache(cfg, layer, max_size=window)
-    x = mx.random.normal((1, h, 1 + getattr(cfg, "fp_sink", 0), d))  # one token past the fp16 sinks
+    x = mx.random.normal((1, h, max(1 + cfg.fp_sink + cfg.fp_window, cfg.quant_start), d))
     c.update_and_fetch(x, x)
     quality.settle(c)
-    stores = [getattr(c, "sink", None), c.codes, c.fp]
-    return c.nbytes - sum(st.nbytes for st in stores if st is not None)
+    return c.nbytes - sum(st.nbytes for st in (c.exact, c.sink, c.codes, c.window))
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One layer of the memory model: bytes per token as stored, constants, and what stays uncompressed."""
+
+    kind: str  # "fp", "affine" or "tq"
+    tok: int  # bytes per token as stored (codes + norms, or fp)
+    const: int = 0  # per-layer constants
+    window: int = None  # sliding window size, or None
+    sink: int = 0  # fp16 sink tokens (tq, full-attention layers)
+    recent: int = 0  # fp16 recent-window tokens (tq)
+    fp16_tok: int = 0  # bytes per token at fp16 (sinks, window)
+    quant_start: int = 0  # tokens kept as given until this many are held (tq)
+    exact_tok: int = 0  # bytes per token as given (the model's dtype)
 
 
 def layer_model(name, kinds, h, d, fp_bytes=2, boundary=0):
-    """Per layer: (kind, bytes per token, constant bytes, window, fp16 sink tokens, bytes per sink token)."""
+    """Per layer: a Layer."""
     n = len(kinds)
     out = []
     fp_tok = h * 2 * d * fp_bytes
@@ -80,36 +97,55 @@ def layer_model(name, kinds, h, d, fp_bytes=2, boundary=0):
             if name != "fp" and w is None:
                 b = quality.AFFINE[name]
                 tok = 2 * h * (4 * math.ceil(d * b / 32) + 2 * (d // 64) * fp_bytes)
-                out.append(("affine", tok, 0, w, 0, 0))
+                out.append(Layer("affine", tok, window=w))
             else:
-                out.append(("fp", fp_tok, 0, w, 0, 0))
+                out.append(Layer("fp", fp_tok, window=w))
         return out
     cfg = tq_mlx.resolve_config(name, boundary_layers=boundary) if boundary else tq_mlx.resolve_config(name)
     nb = cfg.boundary_layers
     for i, w in enumerate(kinds):
         if i < nb or i >= n - nb or (w is not None and not cfg.quantize_sliding):
-            out.append(("fp", fp_tok, 0, w, 0, 0))
+            out.append(Layer("fp", fp_tok, window=w))
             continue
         tok = codec_cost(cfg.keys, cfg, h, d, i, "k") + codec_cost(cfg.values, cfg, h, d, i, "v")
-        sink = getattr(cfg, "fp_sink", 0) if w is None else 0  # full-attention layers keep fp16 sinks
-        out.append(("tq", tok, layer_constant(cfg, i, h, d, w), w, sink, 2 * h * 2 * d))
+        probe = tq_mlx.TurboQuantKVCache(cfg, i, max_size=w)
+        out.append(
+            Layer(
+                "tq",
+                tok,
+                layer_constant(cfg, i, h, d, w),
+                w,
+                cfg.fp_sink if w is None else 0,
+                probe.window_size,
+                2 * h * 2 * d,
+                probe._quant_start,
+                fp_tok,
+            )
+        )
     return out
 
 
 def total_bytes(layers, context: int, allocated: bool = True) -> int:
     """Cache bytes at `context` tokens (each layer filled in one update; sliding layers hold their window).
 
-    allocated: round tq-mlx's code stores up to STEP tokens and mlx-lm's caches up to their 256
-    (the sink store is exact; mlx-lm's RotatingKVCache concatenates: no slack)."""
+    allocated: round tq-mlx's token stores up to STEP tokens and mlx-lm's caches up to their 256
+    (the sink and window stores are exact; mlx-lm's RotatingKVCache concatenates: no slack)."""
     tot = 0
-    for kind, tok, const, w, sink, sink_tok in layers:
-        n = context if w is None else min(context, w)
-        s = min(sink, n)
-        step = STEP if kind == "tq" else mlx_cache.KVCache.step
-        held = n - s
-        if allocated and not (kind == "fp" and w is not None):
-            held = _ceil(held, step)
-        tot += held * tok + s * sink_tok + const
+    for ly in layers:
+        n = context if ly.window is None else min(context, ly.window)
+        step = STEP if ly.kind == "tq" else mlx_cache.KVCache.step
+
+        def up(m, step=step):
+            return _ceil(m, step) if allocated else m
+
+        if ly.kind != "tq":
+            tot += (n if ly.kind == "fp" and ly.window is not None else up(n)) * ly.tok
+        elif n < max(ly.quant_start, 1):  # the exact phase: nothing compressed, no codecs yet
+            tot += up(n) * ly.exact_tok
+        else:
+            s = min(ly.sink, n)
+            r = min(ly.recent, n - s)
+            tot += up(n - s - r) * ly.tok + (s + r) * ly.fp16_tok + ly.const
     return tot
 
 
@@ -174,10 +210,10 @@ def main(args, base, presets, argv):
             rec = {"name": name}
             try:
                 lm = layer_model(name, kinds, h, d, fp_bytes, args.boundary_layers)
-                q = [l for l in lm if l[0] != "fp"] or lm
-                rec["bytes_per_token_layer"] = sum(l[1] for l in q) / len(q)
+                q = [ly for ly in lm if ly.kind != "fp"] or lm
+                rec["bytes_per_token_layer"] = sum(ly.tok for ly in q) / len(q)
                 rec["bpe"] = 8 * rec["bytes_per_token_layer"] / (h * 2 * d)
-                rec["const_bytes"] = sum(l[2] for l in lm)
+                rec["const_bytes"] = sum(ly.const for ly in lm)
                 rec["total"] = {str(c): total_bytes(lm, c, allocated=False) for c in contexts}
                 rec["ratio_vs_fp"] = {str(c): fp_total[c] / rec["total"][str(c)] for c in contexts}
                 rec["model_allocated"] = total_bytes(lm, args.check_context)

@@ -45,7 +45,7 @@ def fill(cache, n, h, d, dtype):
 
 def _arrays(c):
     if isinstance(c, tq_mlx.TurboQuantKVCache):
-        return [*c.codes.buffers.values(), *c.fp.buffers.values()]
+        return [a for st in (c.exact, c.sink, c.codes, c.window) for a in st.buffers.values()]
     st = c.state
     flat = []
     for x in st if isinstance(st, (list, tuple)) else [st]:

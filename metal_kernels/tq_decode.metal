@@ -1,118 +1,257 @@
-// TurboQuant decode attention (L = 1) on packed bit-plane codes, one partial block per threadgroup.
+// TurboQuant decode attention (one query token) as partial softmax sums per key block.
+// Template: QT (query dtype), NT (norm dtype), D (multiple of 8), KB / VB (K / V code bits, 1..8),
+//           G (query heads per KV head), GH (query heads per threadgroup: 1, 2 or 4), ROT (0: Hadamard,
+//           `qmap` (H, D) scales q before the unnormalised transform; 1: dense, q' = qmap[h] q).
+// Inputs:  q (B*H*G*D) QT raw queries; scale (float); qmap; kmr (H, D) f32 key mean in the stored domain;
+//          kc (B, H, cap, WK) u32, kn (B, H, cap) NT, vc (B, H, cap, WV) u32, vn (B, H, cap) NT: the code
+//          store's full buffers; kcb (2^KB), vcb (2^VB) f32 codebooks; sk, sv (B, H, S, D) fp16 sink tokens;
+//          wk, wv (B, H, RC, D) fp16 window ring; params int32 [T, BLK, S, R]: coded tokens, keys per block,
+//          sink and window tokens, read at run time (no recompile per step).
+// Outputs: po (B*H*G, NB + 1, D), pm, pl (B*H*G, NB + 1) f32: for block b < NB the codes [b*BLK, b*BLK + BLK)
+//          in the stored domain (pm includes the key-mean shift); block NB the fp16 tokens in the original
+//          domain.  Scores are in base 2 (q is scaled by log2 e): tq_merge combines them.
+// Grid (32*NSG, B*H*HG, NB + 1) threads, threadgroup (32*NSG, 1, 1), HG = ceil(G / GH).
 //
-// Template: NT (norm dtype), D (head dim, multiple of 16), KB / VB (K / V code bits), G (query heads per KV head).
-// Inputs:  q (BH, G, D) float32, pre-rotated and pre-scaled; kc (B, H, cap, NG*KB) uint32; kn (B, H, cap) NT;
-//          vc (B, H, cap, NG*VB) uint32; vn (B, H, cap) NT; kcb (2^KB,) / vcb (2^VB,) float32 codebooks;
-//          params int32 [T, BLK]: tokens held and keys per block, read at run time (no recompiles per step).
-// Outputs: o (BH, NB, G, D) float32 un-normalised sum_t e^(s_t - m) v_t in the rotated domain;
-//          m (BH, NB, G) running max; l (BH, NB, G) sum-exp.  NB = 1: single pass; NB > 1: split-K, merged by tq_merge.
-// Grid (32*NSG, BH, NB) threads, threadgroup (32*NSG, 1, 1): one threadgroup per (batch*kv head, key block).
-    constexpr int NSG = 8;                // simdgroups per threadgroup (must match the launch)
-    constexpr int NG = (D + 31) / 32;     // 32-code groups per vector; lane l owns code 32*i + l of group i
-    constexpr int WK = NG * KB;           // packed words per key
-    constexpr int WV = NG * VB;           // packed words per value
-    constexpr int NKC = 1 << KB;
-    constexpr int NVC = 1 << VB;
+// Lanes: 8 dims per lane (one BITS-byte chunk of codes), LPK = 8/16/32 lanes per key (D <= 64 / 128 / 256),
+// so each simdgroup step scores KPI = 32/LPK keys.  Per step a lane: loads its K chunk, unpacks 8 codes,
+// looks them up, takes GH dot products of 8, reduce-scatters the GH sums over its key's lanes (it keeps
+// one head's score), updates that head's online softmax (a rescale only when some lane sees a new max),
+// broadcasts the GH weights and accumulates its 8 value dims for the GH heads.
+//
+// Instructions per key row, by hand, at G = GH = 4, D = 128, KB = VB = 4 (LPK = 16, KPI = 2: one simdgroup
+// step covers 2 key rows; counts are per step, one instruction issuing for all 32 lanes):
+//   K: row address 3, load 1, unpack 8 codes 15 (shift + and), codebook 8, norm load + convert 2  = 29
+//   scores: 4 heads x 8 fma                                                                         = 32
+//   reduce-scatter over 16 lanes: 2 stages (2 + 1 values: select 2, shuffle, add) + 2 plain stages  = 16
+//   scale by norm 1, mask 1, softmax without rescale (compare, simd_any, branch, sub, exp2, add) 6  = 8
+//   broadcast 4 weights (shuffle) and fold the V norm (mul)                                         = 8
+//   V: row address 2, load 1, unpack 15, codebook 8, norm load + convert 2                          = 28
+//   accumulate 4 heads x 8 dims fma                                                                 = 32
+//   loop: add, compare, branch                                                                      = 3
+//   total 156 per step = 78 per key row (target <= 80; fp16 sdpa_vector is bandwidth-bound at ~110).
+// The rescale path (a new running max somewhere in the simdgroup) costs ~45 more, taken rarely after the
+// first keys of a block.
+    constexpr int NSG = 8;
+    constexpr int NC = D / 8;  // 8-dim chunks per vector
+    constexpr int LPK = NC <= 8 ? 8 : (NC <= 16 ? 16 : 32);
+    constexpr int KPI = 32 / LPK;
+    constexpr int WK = (D * KB + 31) / 32;
+    constexpr int WV = (D * VB + 31) / 32;
+    constexpr int HG = (G + GH - 1) / GH;
 
-    threadgroup float kcb_tg[NKC];
-    threadgroup float vcb_tg[NVC];
-    threadgroup float red_m[NSG * G];
-    threadgroup float red_l[NSG * G];
-    threadgroup float red_o[NSG * NG * 32];
+    threadgroup float kcb_tg[1 << KB];
+    threadgroup float vcb_tg[1 << VB];
+    threadgroup float qs_tg[GH * D];
+    threadgroup float qr_tg[GH * D];
+    threadgroup float qmk_tg[GH];
+    threadgroup float red_m[NSG * GH];
+    threadgroup float red_l[NSG * GH];
+    threadgroup float red_o[NSG * D];
 
     const uint lane = thread_index_in_simdgroup;
     const uint sg = simdgroup_index_in_threadgroup;
     const uint tid = thread_index_in_threadgroup;
     const uint ntg = threads_per_threadgroup.x;
-    const int bh = int(threadgroup_position_in_grid.y);
+    const int H = kn_shape[1];
+    const int cap = kn_shape[2];
+    const int RC = wk_shape[2];
+    const int bh = int(threadgroup_position_in_grid.y) / HG;
+    const int hg = int(threadgroup_position_in_grid.y) % HG;
+    const int h = bh % H;
     const int blk = int(threadgroup_position_in_grid.z);
-    const int nblk = int(threadgroups_per_grid.z);
+    const int NB = int(threadgroups_per_grid.z) - 1;
+    const bool fpb = blk == NB;  // uniform: the fp16 block
     const int T = params[0];
     const int BLK = params[1];
-    const int cap = kn_shape[2];
+    const int S = params[2];
+    const int R = params[3];
 
-    // 1. codebooks into threadgroup memory (no constant/device reads in the key loop)
-    for (uint i = tid; i < uint(NKC); i += ntg) { kcb_tg[i] = kcb[i]; }
-    for (uint i = tid; i < uint(NVC); i += ntg) { vcb_tg[i] = vcb[i]; }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-
-    // 2. the G queries sharing this KV head into registers (lane owns dims 32*i + lane; padding dims are 0)
-    float qr[G][NG];
-    for (int g = 0; g < G; ++g) {
-        for (int i = 0; i < NG; ++i) {
-            const int d = 32 * i + int(lane);
-            qr[g][i] = d < D ? q[(size_t(bh) * G + g) * D + d] : 0.0f;
-        }
-    }
-    float m[G], l[G], o[G][NG];
-    for (int g = 0; g < G; ++g) {
-        m[g] = -INFINITY;
-        l[g] = 0.0f;
-        for (int i = 0; i < NG; ++i) { o[g][i] = 0.0f; }
-    }
-
-    // 3. simdgroups stride over the block's keys: unpack K once for all G queries, online softmax, accumulate V
-    const int t0 = blk * BLK;
-    const int t1 = min(t0 + BLK, T);
-    for (int t = t0 + int(sg); t < t1; t += NSG) {
-        const size_t row = size_t(bh) * cap + t;
-        const device uint32_t* kw = kc + row * WK;
-        const device uint32_t* vw = vc + row * WV;
-        float kv[NG];
-        for (int i = 0; i < NG; ++i) {
-            uint code = 0;
-            for (int j = 0; j < KB; ++j) { code |= ((kw[i * KB + j] >> lane) & 1u) << j; }
-            kv[i] = kcb_tg[code];
-        }
-        const float knorm = float(kn[row]);
-        float vv[NG];
-        const float vnorm = float(vn[row]);
-        for (int i = 0; i < NG; ++i) {
-            uint code = 0;
-            for (int j = 0; j < VB; ++j) { code |= ((vw[i * VB + j] >> lane) & 1u) << j; }
-            vv[i] = vcb_tg[code] * vnorm;
-        }
-        for (int g = 0; g < G; ++g) {
-            float s = 0.0f;
-            for (int i = 0; i < NG; ++i) { s = fma(qr[g][i], kv[i], s); }
-            s = simd_sum(s) * knorm;
-            const float nm = max(m[g], s);
-            const float f = metal::exp(m[g] - nm);
-            const float p = metal::exp(s - nm);
-            m[g] = nm;
-            l[g] = l[g] * f + p;
-            for (int i = 0; i < NG; ++i) { o[g][i] = fma(o[g][i], f, p * vv[i]); }
-        }
-    }
-
-    // 4. combine the simdgroups through threadgroup memory, one query head at a time
-    if (lane == 0) {
-        for (int g = 0; g < G; ++g) {
-            red_m[sg * G + g] = m[g];
-            red_l[sg * G + g] = l[g];
-        }
+    // 1. codebooks and the GH queries (scaled, base 2) into threadgroup memory
+    for (uint i = tid; i < uint(1 << KB); i += ntg) { kcb_tg[i] = kcb[i]; }
+    for (uint i = tid; i < uint(1 << VB); i += ntg) { vcb_tg[i] = vcb[i]; }
+    for (uint i = tid; i < uint(GH * D); i += ntg) {
+        const int g = hg * GH + int(i) / D;
+        const float x = g < G ? float(q[(size_t(bh) * G + g) * D + int(i) % D]) * scale * TQ_LOG2E : 0.0f;
+        qs_tg[i] = x;
+        if (ROT == 0) { qr_tg[i] = x * qmap[h * D + int(i) % D]; }
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
-    for (int g = 0; g < G; ++g) {
-        float M = -INFINITY;
-        for (int s = 0; s < NSG; ++s) { M = max(M, red_m[s * G + g]); }
-        float L = 0.0f;
-        for (int s = 0; s < NSG; ++s) {
-            const float ms = red_m[s * G + g];
-            L += ms == -INFINITY ? 0.0f : red_l[s * G + g] * metal::exp(ms - M);
-        }
-        const float f = m[g] == -INFINITY ? 0.0f : metal::exp(m[g] - M);
-        for (int i = 0; i < NG; ++i) { red_o[sg * NG * 32 + 32 * i + lane] = o[g][i] * f; }
-        threadgroup_barrier(mem_flags::mem_threadgroup);
-        const size_t orow = (size_t(bh) * nblk + blk) * G + g;
-        for (uint d = tid; d < uint(D); d += ntg) {
+
+    // 2. queries into the stored domain (R (q / w)), and each head's key-mean shift <q', R mean_k>
+    if (ROT == 0) {
+        tq_hadamard_tg(qr_tg, D, GH, tid, ntg);
+    } else {
+        for (uint i = tid; i < uint(GH * D); i += ntg) {
+            const int gg = int(i) / D;
+            const int d = int(i) % D;
             float acc = 0.0f;
-            for (int s = 0; s < NSG; ++s) { acc += red_o[s * NG * 32 + d]; }
-            out_o[orow * D + d] = acc;
+            for (int k = 0; k < D; ++k) { acc = fma(qmap[(size_t(h) * D + d) * D + k], qs_tg[gg * D + k], acc); }
+            qr_tg[i] = acc;
         }
-        if (tid == 0) {
-            out_m[orow] = M;
-            out_l[orow] = L;
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+    if (sg == 0) {
+        for (int gg = 0; gg < GH; ++gg) {
+            float acc = 0.0f;
+            for (int d = int(lane); d < D; d += 32) { acc = fma(qr_tg[gg * D + d], kmr[h * D + d], acc); }
+            acc = simd_sum(acc);
+            if (lane == 0) { qmk_tg[gg] = acc; }
+        }
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+
+    // 3. lane roles: chunk c of key slot ks; after the reduce-scatter a lane keeps head `mine`,
+    //    and lane src[gg] of each key slot holds head gg
+    const int c = int(lane) % LPK;
+    const int ks = int(lane) / LPK;
+    const bool active = c < NC;
+    int mine = 0;
+    int src[GH];
+    for (int gg = 0; gg < GH; ++gg) { src[gg] = ks * LPK; }
+    {
+        int n = GH, off = LPK;
+        while (n > 1) {
+            n >>= 1;
+            off >>= 1;
+            if (int(lane) & off) { mine += n; }
+            for (int gg = 0; gg < GH; ++gg) { src[gg] += (gg & n) ? off : 0; }
+        }
+    }
+    float q8[GH][8];
+    float o[GH][8];
+    for (int gg = 0; gg < GH; ++gg) {
+        for (int i = 0; i < 8; ++i) {
+            q8[gg][i] = active ? (fpb ? qs_tg : qr_tg)[gg * D + 8 * c + i] : 0.0f;
+            o[gg][i] = 0.0f;
+        }
+    }
+    float m = TQ_NEG_BIG;
+    float l = 0.0f;
+
+    // 4. the block's keys: KPI per simdgroup step, simdgroups interleaved
+    const int t0 = fpb ? 0 : blk * BLK;
+    const int t1 = fpb ? S + R : min(T, t0 + BLK);
+    for (int base = t0 + int(sg) * KPI; base < t1; base += NSG * KPI) {
+        const int t = base + ks;
+        const bool valid = t < t1;
+        const int tl = min(t, t1 - 1);  // loads stay in bounds; invalid keys are masked below
+        float kv[8];
+        float vv[8];
+        float kscale = 1.0f;
+        float vscale = 1.0f;
+        if (fpb) {
+            for (int i = 0; i < 8; ++i) {
+                const int d = 8 * c + i;
+                if (!active) {
+                    kv[i] = 0.0f;
+                    vv[i] = 0.0f;
+                } else if (tl < S) {
+                    kv[i] = float(sk[(size_t(bh) * S + tl) * D + d]);
+                    vv[i] = float(sv[(size_t(bh) * S + tl) * D + d]);
+                } else {
+                    kv[i] = float(wk[(size_t(bh) * RC + tl - S) * D + d]);
+                    vv[i] = float(wv[(size_t(bh) * RC + tl - S) * D + d]);
+                }
+            }
+        } else {
+            const size_t r = size_t(bh) * cap + tl;
+            const uint2 xk = active ? tq_chunk_bits<KB>(kc + r * WK, c) : uint2(0u, 0u);
+            const uint2 xv = active ? tq_chunk_bits<VB>(vc + r * WV, c) : uint2(0u, 0u);
+            for (int i = 0; i < 8; ++i) {
+                kv[i] = active ? kcb_tg[tq_code<KB>(xk, i)] : 0.0f;
+                vv[i] = active ? vcb_tg[tq_code<VB>(xv, i)] : 0.0f;
+            }
+            kscale = float(kn[r]);
+            vscale = float(vn[r]);
+        }
+        float s[GH];
+        for (int gg = 0; gg < GH; ++gg) {
+            float acc = 0.0f;
+            for (int i = 0; i < 8; ++i) { acc = fma(q8[gg][i], kv[i], acc); }
+            s[gg] = acc;
+        }
+        {  // reduce-scatter over this key's LPK lanes: the lane keeps the full score of head `mine`
+            int n = GH, off = LPK;
+            while (n > 1) {
+                n >>= 1;
+                off >>= 1;
+                const bool up = (int(lane) & off) != 0;
+                for (int i = 0; i < n; ++i) {
+                    const float send = up ? s[i] : s[i + n];
+                    const float keep = up ? s[i + n] : s[i];
+                    s[i] = keep + simd_shuffle_xor(send, ushort(off));
+                }
+            }
+            while (off > 1) {
+                off >>= 1;
+                s[0] += simd_shuffle_xor(s[0], ushort(off));
+            }
+        }
+        const float score = valid ? s[0] * kscale : -INFINITY;
+        if (simd_any(score > m)) {  // a new running max somewhere: rescale (uniform branch)
+            const float mn = max(m, score);
+            const float f = fast::exp2(m - mn);
+            l *= f;
+            m = mn;
+            for (int gg = 0; gg < GH; ++gg) {
+                const float fg = simd_shuffle(f, ushort(src[gg]));
+                for (int i = 0; i < 8; ++i) { o[gg][i] *= fg; }
+            }
+        }
+        const float p = fast::exp2(score - m);
+        l += p;
+        for (int gg = 0; gg < GH; ++gg) {
+            const float pg = simd_shuffle(p, ushort(src[gg])) * vscale;
+            for (int i = 0; i < 8; ++i) { o[gg][i] = fma(pg, vv[i], o[gg][i]); }
+        }
+    }
+
+    // 5. combine the KPI key slots of the simdgroup (same chunk, same head ownership, other slot)
+    for (int off = LPK; off < 32; off <<= 1) {
+        const float mo = simd_shuffle_xor(m, ushort(off));
+        const float lo = simd_shuffle_xor(l, ushort(off));
+        const float mn = max(m, mo);
+        const float f = fast::exp2(m - mn);
+        const float fo = fast::exp2(mo - mn);
+        for (int gg = 0; gg < GH; ++gg) {
+            const float fg = simd_shuffle(f, ushort(src[gg]));
+            const float fog = simd_shuffle(fo, ushort(src[gg]));
+            for (int i = 0; i < 8; ++i) { o[gg][i] = o[gg][i] * fg + simd_shuffle_xor(o[gg][i], ushort(off)) * fog; }
+        }
+        l = l * f + lo * fo;
+        m = mn;
+    }
+
+    // 6. combine the simdgroups through threadgroup memory, one head at a time, and write the partials
+    for (int gg = 0; gg < GH; ++gg) {
+        if (int(lane) == src[gg] && ks == 0) {
+            red_m[sg * GH + gg] = m;
+            red_l[sg * GH + gg] = l;
+        }
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (int gg = 0; gg < GH; ++gg) {
+        float M = TQ_NEG_BIG;
+        for (int j = 0; j < NSG; ++j) { M = max(M, red_m[j * GH + gg]); }
+        const float f = fast::exp2(red_m[sg * GH + gg] - M);
+        if (ks == 0 && active) {
+            for (int i = 0; i < 8; ++i) { red_o[sg * D + 8 * c + i] = o[gg][i] * f; }
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        const int g = hg * GH + gg;
+        if (g < G) {
+            const size_t orow = (size_t(bh) * G + g) * (NB + 1) + blk;
+            for (uint d = tid; d < uint(D); d += ntg) {
+                float acc = 0.0f;
+                for (int j = 0; j < NSG; ++j) { acc += red_o[j * D + d]; }
+                po[orow * D + d] = acc;
+            }
+            if (tid == 0) {
+                float L = 0.0f;
+                for (int j = 0; j < NSG; ++j) { L += red_l[j * GH + gg] * fast::exp2(red_m[j * GH + gg] - M); }
+                pm[orow] = fpb ? M : M + qmk_tg[gg];
+                pl[orow] = L;
+            }
         }
         threadgroup_barrier(mem_flags::mem_threadgroup);
     }

@@ -156,7 +156,7 @@ def test_nbytes_counts_codes_not_fp():
     stored = sum(a.nbytes for a in cache.codes.view().values())
     assert stored == 2 * h * t * (d * 4 // 8 + 2)  # 4-bit codes + an fp16 norm per vector, K and V
     side = cache.k_codec.side_nbytes + cache.v_codec.side_nbytes
-    assert cache.fp.nbytes == 0 and cache.nbytes == cache.codes.nbytes + side  # capacity included
+    assert cache.window.nbytes == 0 and cache.nbytes == cache.codes.nbytes + side  # capacity included
     assert fp16_bytes / cache.nbytes > 3.5
 
 

@@ -23,7 +23,7 @@ def test_wheel_maps_folders_into_tq_mlx_and_ships_metal_kernels(tmp_path):
         "tq_mlx/metal_kernels/__init__.py",
     ):
         assert must in names
-    metal = {p.name for p in (ROOT / "metal_kernels").glob("*.metal")}
+    metal = {p.name for p in (ROOT / "metal_kernels").glob("*.metal")} | {"tq_common.h"}
     assert metal and {f"tq_mlx/metal_kernels/{m}" for m in metal} <= names
     shipped = {f"tq_mlx/bench/texts/{t}.txt" for t in ("persuasion", "pride_and_prejudice", "mlx_lm_models")}
     assert shipped <= names

@@ -1,4 +1,4 @@
-"""Bit-plane packing of b-bit codes into uint32 words."""
+"""Dense little-endian packing of b-bit codes into uint32 words (the layout the Metal kernels read)."""
 
 import mlx.core as mx
 import numpy as np
@@ -28,18 +28,27 @@ def test_packed_size_is_exactly_n_bits_over_32_when_32_divides_n(bits, n):
     assert pack(random_codes((n,), bits), bits).shape == (n * bits // 32,)
 
 
-def test_partial_group_is_padded_to_a_whole_group():
-    assert packed_words(33, 3) == 6 and packed_words(1, 5) == 5
+def test_a_partial_word_is_padded_to_a_whole_word():
+    assert packed_words(33, 3) == 4 and packed_words(1, 5) == 1 and packed_words(80, 3) == 8
 
 
-def test_layout_is_bit_planes_of_32_lanes():
-    bits, n = 3, 64
-    codes = np.random.default_rng(1).integers(0, 2**bits, size=n).astype(np.uint64)
+@pytest.mark.parametrize("bits,n", [(3, 64), (5, 40), (7, 17), (4, 80)])
+def test_layout_is_one_little_endian_bit_string(bits, n):
+    codes = np.random.default_rng(bits).integers(0, 2**bits, size=n)
     words = np.array(pack(mx.array(codes.astype(np.uint32)), bits)).astype(np.uint64)
-    for g in range(n // 32):
-        for j in range(bits):
-            expect = sum(int((codes[g * 32 + lane] >> j) & 1) << lane for lane in range(32))
-            assert int(words[g * bits + j]) == expect
+    string = sum(int(w) << (32 * i) for i, w in enumerate(words))
+    for j in range(n):
+        assert (string >> (bits * j)) & (2**bits - 1) == codes[j]
+
+
+def test_eight_codes_start_on_a_byte_boundary():
+    """What a kernel thread owning 8 dims relies on: its codes are bytes [b*c, b*(c+1)) of the row."""
+    bits, n = 3, 64
+    codes = np.random.default_rng(2).integers(0, 8, size=n)
+    row = np.array(pack(mx.array(codes.astype(np.uint32)), bits)).view(np.uint8)
+    for c in range(n // 8):
+        chunk = int.from_bytes(row[bits * c : bits * (c + 1)].tobytes(), "little")
+        assert [(chunk >> (bits * i)) & 7 for i in range(8)] == list(codes[8 * c : 8 * c + 8])
 
 
 def test_leading_dims_are_kept():
@@ -47,9 +56,10 @@ def test_leading_dims_are_kept():
     assert pack(codes, 5).shape == (2, 3, 4, packed_words(40, 5))
 
 
-def test_maximum_codes_survive():
-    codes = mx.full((70,), 2**16 - 1, dtype=mx.uint32)
-    assert mx.array_equal(unpack(pack(codes, 16), 16, 70), codes)
+@pytest.mark.parametrize("bits", range(1, MAX_PACK_BITS + 1))
+def test_maximum_codes_survive(bits):
+    codes = mx.full((70,), 2**bits - 1, dtype=mx.uint32)
+    assert mx.array_equal(unpack(pack(codes, bits), bits, 70), codes)
 
 
 def test_accepts_narrow_integer_dtypes():
@@ -57,7 +67,7 @@ def test_accepts_narrow_integer_dtypes():
     assert mx.array_equal(unpack(pack(codes, 4), 4, 64), codes.astype(mx.uint32))
 
 
-@pytest.mark.parametrize("bits", [0, 17, 2.0])
+@pytest.mark.parametrize("bits", [0, 9, 2.0])
 def test_rejects_unsupported_bits(bits):
     with pytest.raises(ValueError, match="bits"):
         pack(random_codes((32,), 1), bits)

@@ -11,7 +11,10 @@ reference path.
 
 import logging
 
+import mlx.core as mx
+
 from . import kernels
+from .fp16_codec import FP_KEY
 from .metal_attention import kernel_decode, kernel_prefill
 from .partials import group_queries
 from .reference_attention import reference_attention
@@ -51,13 +54,20 @@ def attention(cache, queries, scale, mask=None, sinks=None):
         cache.pending = False
         raise ValueError("attention on an empty TurboQuantKVCache: call update_and_fetch first")
     cache.check_queries(queries)
+    L = queries.shape[2]
+    cache.prepare_attention(group_queries(queries, cache.n_kv_heads, scale), L)
+    if not cache.calibrated:  # the exact phase: as mlx-lm's fp cache, on the tokens as given
+        (exact,) = cache.blocks()
+        return mx.fast.scaled_dot_product_attention(
+            queries, exact.k[FP_KEY], exact.v[FP_KEY], scale=scale, mask=mask, sinks=sinks
+        )
+    if L == 1 and mask is not None and not isinstance(mask, str):
+        cache.linearize()  # a positional mask at decode reads the tokens in temporal order
     if not kernels.enabled():
         return reference_attention(cache, queries, scale, mask, sinks)
-    cache.prepare_attention(group_queries(queries, cache.n_kv_heads, scale))
     reason = unsupported_reason(cache, queries, mask)
     if reason is not None:
         _log_once(reason)
         return reference_attention(cache, queries, scale, mask, sinks)
-    if queries.shape[2] == 1:
-        return kernel_decode(cache, queries, scale, sinks)
-    return kernel_prefill(cache, queries, scale, mask, sinks)
+    out = kernel_decode(cache, queries, scale, sinks) if L == 1 else kernel_prefill(cache, queries, scale, mask, sinks)
+    return reference_attention(cache, queries, scale, mask, sinks) if out is None else out

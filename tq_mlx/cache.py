@@ -3,21 +3,27 @@
 Life of a token.  `update_and_fetch(keys, values)` gets (B, H, L, d) arrays and
 returns them unchanged as placeholders: attention (`tq_mlx.attention`, installed
 into mlx-lm by `tq_mlx.patch`) reads the cache's blocks instead.
-1. The first update fixes the cache's shape (B, H, dk, dv); there are no codecs yet.
-2. Tokens wait in float16 in the `fp` store until the codecs can be built: the
-   key codec learns channel weights from queries (`codec_factory.needs_queries`),
-   so it is built at the first attention call (`prepare_attention`) from the
-   waiting keys and that call's queries; other codecs are built at once.
-3. With codecs, every token beyond the fp16 budget (the first `fp_sink` tokens
-   in the `sink` store, the newest `fp_window` in `fp`, everything while the
-   cache holds fewer than `quant_start`) is encoded into the `codes` store; a
-   decode step's token goes straight to codes.
-4. Each update sets `pending`; attention clears it.  An update that finds it
-   still set means the model bypassed our attention (it would have attended to
-   the placeholders): it raises instead of returning wrong text.
-Attention sees `blocks()`: sinks, codes, window, in temporal order.  With
-`max_size` the cache is a sliding window with mlx-lm's RotatingKVCache
-semantics (temporal order, `keep` first tokens).
+1. Exact phase.  Until the cache first holds `quant_start` tokens, tokens are kept
+   as given (the model's dtype) in the `exact` store and attention is plain
+   softmax attention on them: a short chat is answered as with mlx-lm's fp cache.
+   The queries of the first `quant_start` positions are summarised (`QueryStats`)
+   for the key codec's query weights.
+2. Calibration, at the first attention call that finds `quant_start` tokens held
+   (the first call when quant_start is 0): the codecs are built from exactly the
+   first `quant_start` tokens and their queries (so the codes of a prefix never
+   depend on what follows it: a server's prefix cache is exact), and every exact
+   token moves out: the first `fp_sink` into the fp16 `sink` store, the newest
+   `fp_window` into the fp16 `window` store, the rest into `codes`.
+3. Compressed phase.  A new token goes into the window (whose oldest token is
+   encoded into codes), or straight into codes when there is no window.
+4. Each update sets `pending`; attention clears it.  An update that finds it still
+   set means the model bypassed our attention (it would have attended to the
+   placeholders): it raises instead of returning wrong text.
+Inputs are validated at once on prefill; a decode step adds no host sync, so its
+NaN/inf check is deferred: non-finite input leaves non-finite norms or values,
+which the next prefill or save finds (`check_finite`) and reports.
+With `max_size` the cache is a sliding window with mlx-lm's RotatingKVCache
+semantics (`keep` first tokens kept); its codes and window are rings, written in place.
 """
 
 import json
@@ -29,7 +35,8 @@ from mlx_lm.models.cache import _BaseCache, create_attention_mask
 
 from . import kernels
 from .cache_state import STATE_VERSION, prefixed, restore
-from .codec import check_input
+from .calibration import QueryStats
+from .codec import check_input, nonfinite_message
 from .codec_factory import Calibration, build_codec, needs_queries
 from .config import CacheConfig, resolve_config
 from .fp16_codec import FP16, FP_KEY
@@ -38,7 +45,7 @@ from .store import TokenStore
 
 class Block(NamedTuple):
     """A run of tokens in one format: k, v are encodings (dicts of (B, H, n, ...) arrays) read by the codecs;
-    fp16 blocks hold {"x": float16 (B, H, n, d)}."""
+    fp blocks (exact tokens, fp16 sinks and window) hold {"x": (B, H, n, d)} in the original domain."""
 
     k_codec: object
     v_codec: object
@@ -49,15 +56,16 @@ class Block(NamedTuple):
 
 
 class CodeBuffers(NamedTuple):
-    """The codes store's full-capacity buffers (kernels read the first `length` tokens, no copy)."""
+    """The codes store's full-capacity buffers (kernels read the first `length` slots, no copy)."""
 
     length: int
     k: dict
     v: dict
 
 
-def _fp_block(view: dict, n: int) -> Block:
-    return Block(FP16, FP16, {FP_KEY: view["k"]}, {FP_KEY: view["v"]}, True, n)
+def _fp_block(store: TokenStore) -> Block:
+    view = store.view()
+    return Block(FP16, FP16, {FP_KEY: view["k"]}, {FP_KEY: view["v"]}, True, store.length)
 
 
 class TurboQuantKVCache(_BaseCache):
@@ -78,15 +86,81 @@ class TurboQuantKVCache(_BaseCache):
     def _clear(self):
         self.shape = None  # (B, H, dk, dv)
         self.k_codec = self.v_codec = None
-        self.calibration_length = 0  # tokens held when the codecs were calibrated (0: not yet)
-        self.codes = TokenStore()  # "k_*" and "v_*" encodings
-        self.fp = TokenStore()  # "k", "v" float16 tokens waiting for codecs, or the recent window
+        self.calibration_length = 0  # tokens the codecs were calibrated on (0: exact phase)
+        self.qstats = None  # QueryStats of the calibration positions, while the key codec needs them
+        self.exact = TokenStore()  # "k", "v" as given, before calibration
         self.sink = TokenStore(step=1)  # "k", "v" float16 first tokens (attention sinks), exact size
+        R = self.window_size
+        ring = None if self.max_size is None else (self.max_size - R, self.keep)
+        self.codes = TokenStore(ring=ring)  # "k_*" and "v_*" encodings
+        self.window = TokenStore(ring=(R, 0) if R else None)  # the newest R tokens, fp16
         self.pending = False  # set by update, cleared by attention: catches models that bypass it
+
+    @property
+    def window_size(self) -> int:
+        """fp_window, at most what a sliding window leaves beside its `keep` tokens and one code slot."""
+        R = self.config.fp_window
+        return R if self.max_size is None else min(R, max(0, self.max_size - self.keep - 1))
 
     @property
     def n_kv_heads(self) -> int:
         return self.shape[1]
+
+    @property
+    def calibrated(self) -> bool:
+        return self.calibration_length > 0
+
+    def _stores(self):
+        return (self.exact, self.sink, self.codes, self.window)
+
+    def _held(self) -> int:
+        return sum(s.length for s in self._stores())
+
+    # ---- input checks ----------------------------------------------------
+    def _check(self, keys, values):
+        if keys.ndim != 4 or values.ndim != 4 or keys.shape[:3] != values.shape[:3]:
+            raise ValueError(
+                f"keys and values must be (B, H, L, d) with equal B, H, L; got {keys.shape} and {values.shape}"
+            )
+        if keys.dtype != values.dtype:
+            raise TypeError(f"keys ({keys.dtype}) and values ({values.dtype}) must share a dtype")
+        b, h, n, dk = keys.shape
+        got = (b, h, dk, values.shape[-1])
+        want_h, want_dk, want_dv = self.expect
+        if (want_h is not None and h != want_h) or (want_dk is not None and (dk, got[3]) != (want_dk, want_dv)):
+            raise ValueError(
+                f"layer {self.layer} of this model has {want_h} KV heads of sizes (dk, dv) = ({want_dk}, "
+                f"{want_dv}); got keys {keys.shape}, values {values.shape}: a cache made for another model?"
+            )
+        if self.shape is not None and got != self.shape:
+            raise ValueError(
+                f"this cache holds (B, H, dk, dv) = {self.shape}; got keys {keys.shape}, "
+                f"values {values.shape}: a cache made for another model?"
+            )
+        check_input(keys, dk, "keys", finite=False)
+        check_input(values, values.shape[-1], "values", finite=False)
+        if n > 1:  # prefill: one host sync for the new chunk and what earlier decode steps stored
+            new_ok = mx.isfinite(keys).all() & mx.isfinite(values).all()
+            if not (new_ok & self._stored_finite()).item():
+                self.check_finite()
+                bad = int((~mx.isfinite(keys)).sum().item()), int((~mx.isfinite(values)).sum().item())
+                raise ValueError(nonfinite_message("keys" if bad[0] else "values", bad[0] or bad[1]))
+
+    def _stored_finite(self) -> mx.array:
+        ok = mx.array(True)
+        for st in self._stores():
+            for a in st.view().values():
+                if mx.issubdtype(a.dtype, mx.floating):
+                    ok = ok & mx.isfinite(a).all()
+        return ok
+
+    def check_finite(self):
+        """Raise if an earlier decode step stored NaN or inf (decode steps do not check at once: no host sync)."""
+        if not self._stored_finite().item():
+            raise ValueError(
+                f"layer {self.layer}: keys or values of an earlier decode step were NaN or inf, and the cache now "
+                "holds them; the model produced non-finite activations. Trim the cache back past them or reset it."
+            )
 
     def check_queries(self, queries):
         """Refuse queries that do not fit this cache: (B, Hq, L, dk) with Hq a multiple of H."""
@@ -98,87 +172,9 @@ class TurboQuantKVCache(_BaseCache):
                 f"heads of size {want_dk}): a cache made for another model?"
             )
 
-    # ---- storage -------------------------------------------------------
-    def _build_codecs(self, keys=None, values=None, state=None, queries=None):
-        cfg, (_, h, dk, dv) = self.config, self.shape
-        state, use = state or {}, kernels.enabled()
-        self.k_codec = build_codec(
-            cfg.keys, cfg, dk, h, self.layer, "k", Calibration(keys, queries, prefixed(state, "k_")), use
-        )
-        self.v_codec = build_codec(
-            cfg.values, cfg, dv, h, self.layer, "v", Calibration(values, None, prefixed(state, "v_")), use
-        )
-
-    def _waiting_for_queries(self) -> bool:
-        return self.k_codec is None and needs_queries(self.config.keys, "k")
-
-    def prepare_attention(self, queries):
-        """Called by attention with the grouped queries (B, H, M, dk): clears `pending` and encodes the
-        tokens beyond the fp16 budget (building the codecs from these queries the first time)."""
-        self.pending = False
-        move = self.fp.length - self._fp_budget(self._held())
-        if move > 0:
-            self._encode(self.fp.take_front(move), queries)
-
-    def _encode(self, front: dict, queries=None):
-        """Store float16 tokens {"k", "v"} (B, H, n, d), oldest first: sinks first, the rest as codes."""
-        room = 0 if self.max_size is not None else self.config.fp_sink - self.sink.length
-        if room > 0:
-            self.sink.append({k: v[:, :, :room] for k, v in front.items()})
-            front = {k: v[:, :, room:] for k, v in front.items()}
-            if front["k"].shape[2] == 0:
-                return
-        keys, values = front["k"], front["v"]
-        if self.k_codec is None:
-            self._build_codecs(keys, values, queries=queries)
-            self.calibration_length = self.offset
-        enc = {f"k_{n}": a for n, a in self.k_codec.encode(keys).items()}
-        enc.update({f"v_{n}": a for n, a in self.v_codec.encode(values).items()})
-        self.codes.append(enc)
-
-    def _fp_budget(self, total: int) -> int:
-        cfg = self.config
-        if total < cfg.quant_start:
-            return total
-        return min(cfg.fp_window, total)
-
-    def _check(self, keys, values):
-        if keys.ndim != 4 or values.ndim != 4 or keys.shape[:3] != values.shape[:3]:
-            raise ValueError(
-                f"keys and values must be (B, H, L, d) with equal B, H, L; got {keys.shape} and {values.shape}"
-            )
-        if keys.dtype != values.dtype:
-            raise TypeError(f"keys ({keys.dtype}) and values ({values.dtype}) must share a dtype")
-        b, h, _, dk = keys.shape
-        got = (b, h, dk, values.shape[-1])
-        want_h, want_dk, want_dv = self.expect
-        if (want_h is not None and h != want_h) or (want_dk is not None and (dk, got[3]) != (want_dk, want_dv)):
-            raise ValueError(
-                f"layer {self.layer} of this model has {want_h} KV heads of sizes (dk, dv) = "
-                f"({want_dk}, {want_dv}); got keys {keys.shape}, values {values.shape}: a cache made "
-                "for another model?"
-            )
-        if self.shape is None:
-            self.shape = got
-        elif got != self.shape:
-            raise ValueError(
-                f"this cache holds (B, H, dk, dv) = {self.shape}; got keys {keys.shape}, "
-                f"values {values.shape}: a cache made for another model?"
-            )
-        check_input(keys, dk, "keys")
-        check_input(values, values.shape[-1], "values")
-
-    def _drop_front(self, n: int):
-        """Sliding window: forget n tokens after the first `keep` (oldest first)."""
-        if n <= 0:
-            return
-        start, nc = min(self.keep, self._held()), self.codes.length
-        from_codes = max(0, min(n, nc - start))
-        self.codes.remove(start, from_codes)
-        self.fp.remove(max(0, start - nc), n - from_codes)
-
+    # ---- storing -------------------------------------------------------------
     def update_and_fetch(self, keys, values):
-        """Store new (B, H, L, d) keys/values; returns them as placeholders (attention reads the codes)."""
+        """Store new (B, H, L, d) keys/values; returns them as placeholders (attention reads the cache)."""
         if self.pending:
             raise RuntimeError(
                 "the previous attention call on this TurboQuantKVCache did not go through tq_mlx's attention: "
@@ -186,47 +182,148 @@ class TurboQuantKVCache(_BaseCache):
                 "mx.fast.scaled_dot_product_attention directly), which TurboQuant caches do not support"
             )
         self._check(keys, values)
-        n = keys.shape[2]
-        if self.max_size is not None:
-            held = self._held()
-            self._drop_front(held + n - self.max_size if n == 1 else held - self.max_size + 1)
-        new = {"k": keys.astype(mx.float16), "v": values.astype(mx.float16)}
+        b, h, n, dk = keys.shape
+        if self.shape is None:
+            self.shape = (b, h, dk, values.shape[-1])
+        if self.max_size is not None and not self._rings_full(n):
+            # mlx-lm's rotating semantics: a new token or chunk sees the max_size - 1 newest older tokens
+            self._drop_front(self._held() + 1 - self.max_size)
         self.offset += n
-        if self.fp.length == 0 and not self._waiting_for_queries() and self._fp_budget(self._held() + n) == 0:
-            self._encode(new)  # the usual decode step: straight to codes, no trip through the fp store
+        if not self.calibrated:
+            self.exact.append({"k": keys, "v": values})
         else:
-            self.fp.append(new)
-            if not self._waiting_for_queries():
-                move = self.fp.length - self._fp_budget(self._held())
-                if move > 0:
-                    self._encode(self.fp.take_front(move))
+            self._store({"k": keys, "v": values})
         self.pending = True
         return keys, values
 
-    # ---- what attention reads -----------------------------------------
+    def _encode(self, tokens: dict) -> dict:
+        enc = {f"k_{n}": a for n, a in self.k_codec.encode(tokens["k"]).items()}
+        enc.update({f"v_{n}": a for n, a in self.v_codec.encode(tokens["v"]).items()})
+        return enc
+
+    def _store(self, tokens: dict):
+        """Calibrated: tokens {"k", "v"} (B, H, n, d), oldest first, into sinks, window and codes."""
+        room = 0 if self.max_size is not None else self.config.fp_sink - self.sink.length
+        if room > 0:
+            self.sink.append({k: v[:, :, :room].astype(mx.float16) for k, v in tokens.items()})
+            tokens = {k: v[:, :, room:] for k, v in tokens.items()}
+        n = tokens["k"].shape[2]
+        if n == 0:
+            return
+        R, win = self.window_size, self.window
+        half = {k: v.astype(mx.float16) for k, v in tokens.items()}
+        if R == 0:
+            self.codes.append(self._encode(tokens))
+        elif n == 1 and win.length == R:  # a decode step: the oldest window token goes to codes
+            self.codes.append(self._encode(win.oldest()))
+            win.append(half)
+        else:
+            win.append(half)
+            if win.length > R:
+                self.codes.append(self._encode(win.take_front(win.length - R)))
+
+    def _rings_full(self, n: int) -> bool:
+        """A decode step on a full sliding cache: the rings overwrite their oldest tokens in place."""
+        return (
+            n == 1
+            and self.calibrated
+            and self.codes.length == self.codes.ring[0]
+            and self.window.length == self.window_size
+            and self.exact.length == 0
+        )
+
+    def _drop_front(self, n: int):
+        """Sliding window: forget the n oldest tokens after the first `keep`."""
+        if n <= 0:
+            return
+        skip = self.keep
+        for st in self._stores():
+            if n <= 0:
+                break
+            if st.length <= skip:
+                skip -= st.length
+                continue
+            d = min(n, st.length - skip)
+            st.remove(skip, d)
+            n, skip = n - d, 0
+
+    # ---- calibration -----------------------------------------------------------
+    @property
+    def _quant_start(self) -> int:
+        """quant_start, at most what a sliding window can hold."""
+        q = self.config.quant_start
+        return q if self.max_size is None else min(q, self.max_size)
+
+    def prepare_attention(self, queries, L: int):
+        """Called by attention with this call's grouped, scaled queries (B, H, G*L, dk) for L new tokens:
+        clears `pending`, records the calibration queries (once per update: a second attention call on the
+        same tokens, e.g. a KV-shared layer's, adds none), and calibrates once quant_start tokens are held."""
+        fresh, self.pending = self.pending, False
+        if self.calibrated:
+            return
+        Q = self._quant_start
+        if fresh and needs_queries(self.config.keys, "k"):
+            if self.qstats is None:
+                self.qstats = QueryStats(self.shape[1], self.shape[2], self.config.keys.query_weighting == "full")
+            first = self.offset - L  # position of this call's first query
+            take = L if Q == 0 else max(0, min(L, Q - first))
+            if take:
+                q = queries.reshape(*queries.shape[:2], -1, L, queries.shape[3])[:, :, :, :take]
+                self.qstats.add(q.reshape(*q.shape[:2], -1, q.shape[4]))
+        if self._held() >= max(Q, 1):
+            self._calibrate(self._held() if Q == 0 else Q)
+
+    def _calibrate(self, n: int):
+        """Build the codecs from the first n exact tokens (and their queries) and store every exact token."""
+        tokens = self.exact.ordered()
+        cfg, (_, h, dk, dv) = self.config, self.shape
+        use = kernels.enabled()
+        keys = tokens["k"][:, :, :n].astype(mx.float32)
+        values = tokens["v"][:, :, :n].astype(mx.float32)
+        self.k_codec = build_codec(cfg.keys, cfg, dk, h, self.layer, "k", Calibration(keys, self.qstats), use)
+        self.v_codec = build_codec(cfg.values, cfg, dv, h, self.layer, "v", Calibration(values), use)
+        mx.eval([c.constants() for c in (self.k_codec, self.v_codec)])  # ready, and usable from any thread
+        self.calibration_length, self.qstats = n, None
+        self.exact = TokenStore()
+        self._store(tokens)
+
+    # ---- what attention reads -------------------------------------------------
     def blocks(self):
-        """The tokens as Blocks in temporal order: fp16 sinks, codes, then the fp16 window."""
-        out = []
-        if self.sink.length:
-            out.append(_fp_block(self.sink.view(), self.sink.length))
+        """The tokens as Blocks in temporal order: exact tokens (before calibration), or fp16 sinks, codes
+        (slot order in a wrapped ring: `linearize()` first where a mask needs temporal order), window."""
+        if not self.calibrated:
+            return [_fp_block(self.exact)] if self.exact.length else []
+        out = [_fp_block(self.sink)] if self.sink.length else []
         if self.codes.length:
             view = self.codes.view()
+            fp = self.k_codec is FP16 and self.v_codec is FP16
             out.append(
-                Block(self.k_codec, self.v_codec, prefixed(view, "k_"), prefixed(view, "v_"), False, self.codes.length)
+                Block(self.k_codec, self.v_codec, prefixed(view, "k_"), prefixed(view, "v_"), fp, self.codes.length)
             )
-        if self.fp.length:
-            out.append(_fp_block(self.fp.view(), self.fp.length))
+        if self.window.length:
+            out.append(_fp_block(self.window))
         return out
+
+    def linearize(self):
+        """Put ring slots in temporal order (for a positional mask at decode)."""
+        for st in self._stores():
+            st.linearize()
 
     def code_buffers(self) -> CodeBuffers:
         """The codes store's full-capacity buffers (no slicing: the kernels read the first `length`)."""
         bufs = self.codes.buffers
         return CodeBuffers(self.codes.length, prefixed(bufs, "k_"), prefixed(bufs, "v_"))
 
-    # ---- mlx-lm protocol ----------------------------------------------
-    def _held(self) -> int:
-        return self.sink.length + self.codes.length + self.fp.length
+    def fp16_buffers(self):
+        """(sink, window): CodeBuffers of the fp16 stores' full buffers ({"x": (B, H, capacity, d)}), or None
+        for an empty store (the kernels read the first `length` slots)."""
+        out = []
+        for st in (self.sink, self.window):
+            b = st.buffers
+            out.append(CodeBuffers(st.length, {FP_KEY: b["k"]}, {FP_KEY: b["v"]}) if st.length else None)
+        return tuple(out)
 
+    # ---- mlx-lm protocol ----------------------------------------------------------
     def size(self) -> int:
         """Tokens in context, as mlx-lm counts them (a sliding window reports at most max_size)."""
         return self._held() if self.max_size is None else min(self.offset, self.max_size)
@@ -238,12 +335,14 @@ class TurboQuantKVCache(_BaseCache):
         return self.max_size is None or self.offset < self.max_size
 
     def trim(self, n: int) -> int:
+        """Forget the newest n tokens.  Trimming below `calibration_length` keeps the codecs (and the codes
+        of the tokens left): the cache then differs from one that never saw the trimmed tokens."""
         n = min(self.offset, n, self._held())
-        from_fp = min(n, self.fp.length)
-        self.fp.trim_back(from_fp)
-        from_codes = min(n - from_fp, self.codes.length)
-        self.codes.trim_back(from_codes)
-        self.sink.trim_back(n - from_fp - from_codes)
+        left = n
+        for st in (self.window, self.codes, self.sink, self.exact):
+            d = min(left, st.length)
+            st.trim_back(d)
+            left -= d
         self.offset -= n
         self.pending = False
         return n
@@ -264,20 +363,14 @@ class TurboQuantKVCache(_BaseCache):
 
     @property
     def nbytes(self) -> int:
-        """Bytes really held: codes and norms (with capacity), fp16 sinks and window, and the codecs'
-        per-head constants (rotation signs or matrices, learnt means, weights, channel orders)."""
+        """Bytes really held: every store with its capacity, and the codecs' per-head constants
+        (rotation signs or matrices, learnt means, weights, channel orders)."""
         side = sum(c.side_nbytes for c in (self.k_codec, self.v_codec) if c is not None)
-        return self.sink.nbytes + self.codes.nbytes + self.fp.nbytes + side
-
-    def _calibration(self) -> dict:
-        out = {}
-        for p, c in (("k", self.k_codec), ("v", self.v_codec)):
-            if c is not None:
-                out.update({f"{p}_{n}": a for n, a in c.calibration_state().items()})
-        return out
+        return sum(st.nbytes for st in self._stores()) + side
 
     @property
     def state(self):
+        self.check_finite()
         meta = {
             "version": STATE_VERSION,
             "config": json.loads(self.config.to_json()),
@@ -288,23 +381,37 @@ class TurboQuantKVCache(_BaseCache):
             "shape": self.shape,
             "expect": self.expect,
             "calibration_length": self.calibration_length,
-            "n_codes": self.codes.length,
-            "n_fp": self.fp.length,
-            "n_sink": self.sink.length,
+            **{f"n_{name}": st.length for name, st in self._named_stores()},
         }
         st = {"tq_meta": json.dumps(meta)}
-        st.update({f"codes_{k}": v for k, v in self.codes.view().items()})
-        st.update({f"fp_{k}": v for k, v in self.fp.view().items()})
-        st.update({f"sink_{k}": v for k, v in self.sink.view().items()})
-        st.update({f"calib_{k}": v for k, v in self._calibration().items()})
+        for name, store in self._named_stores():
+            st.update({f"{name}_{k}": v for k, v in store.ordered().items()})
+        for p, c in (("k", self.k_codec), ("v", self.v_codec)):
+            if c is not None:
+                st.update({f"calib_{p}_{n}": a for n, a in c.calibration_state().items()})
+        if self.qstats is not None:
+            st.update({f"qstats_{n}": a for n, a in self.qstats.state().items()})
         return st
+
+    def _named_stores(self):
+        return (("exact", self.exact), ("sink", self.sink), ("codes", self.codes), ("window", self.window))
 
     @state.setter
     def state(self, st):
         restore(self, st)
 
+    def _rebuild_codecs(self, calib: dict):
+        """Codecs from a saved calibration state (a reloaded cache)."""
+        cfg, (_, h, dk, dv) = self.config, self.shape
+        use = kernels.enabled()
+        self.k_codec = build_codec(cfg.keys, cfg, dk, h, self.layer, "k", Calibration(state=prefixed(calib, "k_")), use)
+        self.v_codec = build_codec(
+            cfg.values, cfg, dv, h, self.layer, "v", Calibration(state=prefixed(calib, "v_")), use
+        )
+
     def __deepcopy__(self, memo):
         new = TurboQuantKVCache.__new__(TurboQuantKVCache)
         new.__dict__.update(self.__dict__)
-        new.codes, new.fp, new.sink = self.codes.copy(), self.fp.copy(), self.sink.copy()
+        new.exact, new.sink, new.codes, new.window = (st.copy() for st in self._stores())
+        new.qstats = None if self.qstats is None else self.qstats.copy()
         return new

@@ -10,11 +10,11 @@ import json
 
 import mlx.core as mx
 
+from .calibration import QueryStats
 from .config import CacheConfig
 
-STATE_VERSION = 2
-_FP_PARTS = (("codes", "n_codes"), ("fp16 window", "n_fp"), ("fp16 sinks", "n_sink"))
-_PREFIX = {"codes": "codes_", "fp16 window": "fp_", "fp16 sinks": "sink_"}
+STATE_VERSION = 3
+STORES = ("exact", "sink", "codes", "window")
 
 
 class CacheStateError(ValueError):
@@ -26,18 +26,14 @@ def prefixed(d: dict, prefix: str) -> dict:
     return {k[len(prefix) :]: v for k, v in d.items() if k.startswith(prefix)}
 
 
-def _error(msg):
-    return CacheStateError(msg)
-
-
 def _meta(st) -> dict:
     try:
         meta = json.loads(st["tq_meta"])
         version = meta["version"]
     except Exception as e:
-        raise _error(f"not a TurboQuantKVCache state (missing or corrupt 'tq_meta'): {e}") from None
+        raise CacheStateError(f"not a TurboQuantKVCache state (missing or corrupt 'tq_meta'): {e}") from None
     if version != STATE_VERSION:
-        raise _error(
+        raise CacheStateError(
             f"TurboQuantKVCache state version {version} is not supported (expected {STATE_VERSION}); "
             "re-create the prompt cache with this version of tq-mlx"
         )
@@ -47,7 +43,7 @@ def _meta(st) -> dict:
 def _check_finite(name: str, arrays: dict):
     bad = [k for k, a in arrays.items() if mx.issubdtype(a.dtype, mx.floating) and not mx.isfinite(a).all().item()]
     if bad:
-        raise _error(f"corrupt cache file: {name} arrays {bad} hold non-finite values (NaN or inf)")
+        raise CacheStateError(f"corrupt cache file: {name} arrays {bad} hold non-finite values (NaN or inf)")
 
 
 def restore(cache, st):
@@ -56,31 +52,35 @@ def restore(cache, st):
     try:
         config = CacheConfig.from_json(json.dumps(meta["config"]))
         layer, offset, max_size, keep = meta["layer"], meta["offset"], meta["max_size"], meta["keep"]
-        shape, expect = meta["shape"], tuple(meta["expect"])
-        counts = {name: meta[key] for name, key in _FP_PARTS}
+        shape, expect, calibrated = meta["shape"], tuple(meta["expect"]), meta["calibration_length"]
+        counts = {name: meta[f"n_{name}"] for name in STORES}
     except Exception as e:
-        raise _error(f"corrupt cache metadata: {type(e).__name__}: {e}") from None
-    stores = {name: prefixed(st, _PREFIX[name]) for name in counts}
+        raise CacheStateError(f"corrupt cache metadata: {type(e).__name__}: {e}") from None
+    stores = {name: prefixed(st, f"{name}_") for name in STORES}
     for name, n in counts.items():
         arrays = stores[name]
         bad = [k for k, v in arrays.items() if not isinstance(v, mx.array) or v.ndim < 3 or v.shape[2] != n]
         if bad or (n and not arrays):
-            raise _error(f"corrupt cache state: {name} arrays {bad or 'missing'} do not hold {n} tokens")
+            raise CacheStateError(f"corrupt cache state: {name} arrays {bad or 'missing'} do not hold {n} tokens")
         _check_finite(name, arrays)
-    calib = prefixed(st, "calib_")
+    calib, qstats = prefixed(st, "calib_"), prefixed(st, "qstats_")
     _check_finite("calibration", calib)
+    _check_finite("query statistics", qstats)
     if sum(counts.values()) > offset:
-        raise _error(f"corrupt cache state: {sum(counts.values())} tokens held but offset {offset}")
+        raise CacheStateError(f"corrupt cache state: {sum(counts.values())} tokens held but offset {offset}")
+    if bool(calibrated) == bool(counts["exact"]) and sum(counts.values()):
+        raise CacheStateError("corrupt cache state: exact tokens and calibration do not go together")
     cache.config, cache.layer, cache.max_size, cache.keep = config, layer, max_size, keep
     cache.expect, cache.offset = expect, offset
     cache._clear()
     cache.shape = tuple(shape) if shape else None
-    cache.calibration_length = meta["calibration_length"]
-    cache.codes.load(stores["codes"])
-    cache.fp.load(stores["fp16 window"])
-    cache.sink.load(stores["fp16 sinks"])
-    if cache.shape is not None and counts["codes"]:
+    cache.calibration_length = calibrated
+    for name in STORES:
+        getattr(cache, name).load(stores[name])
+    cache.qstats = QueryStats.from_state(qstats) if qstats else None
+    if calibrated:
         try:
-            cache._build_codecs(state=calib)
+            cache._rebuild_codecs(calib)
         except Exception as e:
-            raise _error(f"corrupt cache state: the codecs cannot be rebuilt ({type(e).__name__}: {e})") from None
+            why = f"{type(e).__name__}: {e}"
+            raise CacheStateError(f"corrupt cache state: the codecs cannot be rebuilt ({why})") from None

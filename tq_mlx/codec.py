@@ -68,6 +68,9 @@ class Codec(Protocol):
     def calibration_state(self) -> dict:
         """What the codec learnt from data (arrays), so `build_codec` rebuilds it identically."""
 
+    def constants(self) -> list:
+        """Every array the codec holds (evaluated once at build, so any thread can use them)."""
+
     def kernel_reason(self) -> str | None:
         """None when the Metal kernels can read this codec's encodings, else why not."""
 

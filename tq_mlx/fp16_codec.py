@@ -36,6 +36,9 @@ class Float16Codec:
     def accumulate(self, p: mx.array, enc: dict) -> mx.array:
         return p @ enc[FP_KEY].astype(mx.float32)
 
+    def constants(self) -> list:
+        return []
+
     def calibration_state(self) -> dict:
         return {}
 

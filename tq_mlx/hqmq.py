@@ -277,6 +277,11 @@ class HQMQ:
 
     to_stored = rotate_query
 
+    def constants(self) -> list:
+        """Every array the codec holds."""
+        out = [self.quaternions, self.codewords, self._right, self._planes]
+        return out if self.median is None else [*out, self.median]
+
     def calibration_state(self) -> dict:
         return {} if self.median is None else {"median": self.median}
 

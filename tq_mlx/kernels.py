@@ -1,63 +1,55 @@
-"""Metal kernels for TurboQuant attention: loader and launchers.
+"""Metal kernels for TurboQuant attention: loader, launchers, and the switch that enables them.
 
-Kernel bodies live in `tq_mlx.metal_kernels/*.metal` (shipped as package data)
-and are built lazily with `mx.fast.metal_kernel`, so a CPU emulator patched
-in later (metal_emu's `patched_mlx()`) takes effect.  Built kernels are cached
-per (metal_kernel factory, kernel name); template values (D, bits, G, dtypes)
-are compile-time only, while token counts and block sizes travel as a small
-int32 `params` input, so decoding never recompiles.
+Kernel bodies live in `tq_mlx.metal_kernels/*.metal` (shipped as package data, with the shared
+helpers in `tq_common.h`) and are built lazily with `mx.fast.metal_kernel`, so a CPU emulator
+patched in later (metal_emu's `patched_mlx()`) takes effect.  Template values (dtypes, D, bits,
+G, the rotation kind) are compile-time only; token counts and block sizes travel as a small int32
+`params` input, so decoding never recompiles.
 
 Kernels:
-- tq_decode: decode attention (L = 1) on packed K/V codes, one (batch*kv head,
-  key block) per threadgroup of NSG=8 simdgroups; returns un-normalised
-  rotated-domain output with its max and sum-exp (single pass when NB = 1).
-- tq_merge: split-K merge of tq_decode's partial blocks.
-- tq_dequant: codes -> n * c[idx] in the rotated domain (prefill).
-- tq_encode: rotated vectors -> packed codes + norms (one segment, no QJL).
+- tq_encode: raw vectors -> centred, weighted, rotated, quantized, packed codes + norms.
+- tq_decode: decode attention on the packed codes of one layer: partial (o, m, l) per key block,
+  plus one block for the fp16 tokens (sinks, window); the query is rotated inside.
+- tq_merge: combines the partials, adds the value mean, rotates back, normalises: the output.
+- tq_dequant: codes -> n * c[idx] in the stored domain (prefill).
+A decode step is tq_encode twice (K, V) on update, then tq_decode and tq_merge.
+
+`guarded(key, run)` runs the first use of each instantiation under a check: a compile or launch
+error logs one warning naming it, and the caller falls back to the reference path for it.
 """
 
+import contextlib
+import logging
 import os
 from importlib import resources
 
 import mlx.core as mx
 
-NSG = 8  # simdgroups per threadgroup in tq_decode (the constexpr in the .metal file)
-SINGLE_PASS_MAX = 2048  # tokens up to which decode runs as one pass per KV head
-MIN_BLOCK = 256  # keys per split-K block, at least
-MAX_BLOCKS = 128  # split-K blocks per KV head, at most
-SUPPORTED_D = (64, 80, 96, 128, 256)
-MAX_BITS = 8
+log = logging.getLogger("tq_mlx")
 
+NSG = 8  # simdgroups per threadgroup in tq_decode (the constexpr in the .metal file)
+SUPPORTED_D = (64, 80, 96, 128, 256)
+HADAMARD_D = (64, 128, 256)  # other sizes rotate with a dense matrix
+MAX_BITS = 8
+GPU_CORES = 40  # split-K aims at 4 threadgroups per core of an M-series Max-class GPU
+MIN_BLOCK = 64  # keys per split-K block, at least
 MODES = ("auto", "reference", "metal")
 
 _SOURCES = {}
 _KERNELS = {}
+_VERIFIED = {}  # instantiation key -> True (ran) / False (failed: reference path)
+_TRUSTED = []  # non-empty inside trusted(): launch without the first-use check (graph tracing)
+_NO_SINKS = {}  # the placeholder sinks input, made once
 
 _SPECS = {
-    "tq_decode": (["q", "kc", "kn", "vc", "vn", "kcb", "vcb", "params"], ["out_o", "out_m", "out_l"]),
-    "tq_merge": (["po", "pm", "pl"], ["out_o", "out_m", "out_l"]),
+    "tq_encode": (["x", "mean", "map", "levels", "edges", "params"], ["codes", "norm"]),
+    "tq_decode": (
+        ["q", "scale", "qmap", "kmr", "kc", "kn", "vc", "vn", "kcb", "vcb", "sk", "sv", "wk", "wv", "params"],
+        ["po", "pm", "pl"],
+    ),
+    "tq_merge": (["po", "pm", "pl", "vmr", "omap", "sinks", "params"], ["out"]),
     "tq_dequant": (["codes", "norm", "cb", "params"], ["y"]),
-    "tq_encode": (["y", "levels", "edges"], ["codes", "norm"]),
 }
-
-
-def source(name: str) -> str:
-    """The .metal body text of kernel `name`."""
-    if name not in _SOURCES:
-        _SOURCES[name] = resources.files("tq_mlx.metal_kernels").joinpath(f"{name}.metal").read_text()
-    return _SOURCES[name]
-
-
-def kernel(name: str):
-    """The built kernel `name`, for the mx.fast.metal_kernel currently installed (built on first use)."""
-    factory = mx.fast.metal_kernel
-    key = (factory, name)
-    k = _KERNELS.get(key)
-    if k is None:
-        inputs, outputs = _SPECS[name]
-        k = factory(name=name, input_names=inputs, output_names=outputs, source=source(name))
-        _KERNELS[key] = k
-    return k
 
 
 def mode() -> str:
@@ -75,119 +67,175 @@ def enabled() -> bool:
     return m == "metal" or (m == "auto" and mx.metal.is_available())
 
 
+def source(name: str) -> str:
+    """The text of kernel body `name` (or of a helper file such as "tq_common.h")."""
+    if name not in _SOURCES:
+        fname = name if "." in name else f"{name}.metal"
+        _SOURCES[name] = resources.files("tq_mlx.metal_kernels").joinpath(fname).read_text()
+    return _SOURCES[name]
+
+
+def kernel(name: str):
+    """The built kernel `name`, for the mx.fast.metal_kernel currently installed (built on first use)."""
+    factory = mx.fast.metal_kernel
+    key = (factory, name)
+    k = _KERNELS.get(key)
+    if k is None:
+        inputs, outputs = _SPECS[name]
+        k = factory(
+            name=name, input_names=inputs, output_names=outputs, source=source(name), header=source("tq_common.h")
+        )
+        _KERNELS[key] = k
+    return k
+
+
+def guarded(key, run):
+    """run() (launches returning arrays) for instantiation `key`; the first time, evaluated at once under a
+    check.  Returns the arrays, or None when this instantiation failed (now or before): use the reference path."""
+    key = (mx.fast.metal_kernel, *key)
+    ok = _VERIFIED.get(key)
+    if ok is False:
+        return None
+    if ok or _TRUSTED:
+        return run()
+    try:
+        out = run()
+        mx.eval(out)
+    except Exception as e:  # noqa: BLE001 - any compile or launch error means: not this instantiation
+        _VERIFIED[key] = False
+        log.warning(
+            "tq_mlx: Metal kernel %s failed (%s: %s); this configuration uses the reference path",
+            key[1:],
+            type(e).__name__,
+            str(e).splitlines()[0] if str(e) else "",
+        )
+        return None
+    _VERIFIED[key] = True
+    return out
+
+
+@contextlib.contextmanager
+def trusted():
+    """Launch kernels without the first-use check (which evaluates): for tracing a step's graph."""
+    _TRUSTED.append(True)
+    try:
+        yield
+    finally:
+        _TRUSTED.pop()
+
+
 def _params(*vals):
     return mx.array(list(vals), dtype=mx.int32)
 
 
-def num_blocks(T: int, block=None):
-    """(keys per block, blocks) for T tokens: one pass up to SINGLE_PASS_MAX, split-K beyond.
+def bits_of(table: mx.array) -> int:
+    """b for a codebook of 2**b levels."""
+    return int(table.shape[0]).bit_length() - 1
 
+
+def heads_per_group(G: int) -> int:
+    """Query heads per tq_decode threadgroup: 1, 2 or 4 (registers hold 8 dims x this many heads)."""
+    return 1 if G == 1 else 2 if G == 2 else 4
+
+
+def num_blocks(T: int, n_groups: int, block=None):
+    """(keys per block, blocks) for T coded tokens and n_groups = B * H * head groups threadgroup rows:
+    split whenever there are fewer than 4 threadgroups per GPU core, with at least MIN_BLOCK keys per block.
     block (tests) imposes the keys per block."""
-    if block is not None:
-        block = max(1, int(block))
-        return block, -(-T // block)
-    if T <= SINGLE_PASS_MAX:
-        return T, 1
-    blk = max(MIN_BLOCK, -(-T // MAX_BLOCKS))
-    blk = -(-blk // 32) * 32
-    return blk, -(-T // blk)
+    if block is None:
+        want = -(-4 * GPU_CORES // max(n_groups, 1))
+        nb = max(1, min(want, T // MIN_BLOCK))
+        block = -(-T // nb)
+    block = max(1, int(block))
+    return block, -(-T // block)
 
 
-def decode_partial(q, kc, kn, vc, vn, kcb, vcb, T: int, block: int, nblocks: int):
-    """Raw tq_decode launch.
+def encode(x, mean, tmap, levels, edges, norm_dtype=mx.float16, norm_correction=True, rows_per_tg=4):
+    """tq_encode: x (B, H, L, D) raw -> (codes (B, H, L, W) uint32, norm (B, H, L) norm_dtype).
 
-    q (BH, G, D) float32; kc/vc (B, H, cap, words) uint32 and kn/vn (B, H, cap) norms (the
-    store's full buffers: only the first T tokens are read); kcb/vcb float32 codebooks.
-    Returns o (BH, NB, G, D), m (BH, NB, G), l (BH, NB, G) float32.
-    """
-    BH, G, D = q.shape
-    kbits = int(kcb.shape[0]).bit_length() - 1
-    vbits = int(vcb.shape[0]).bit_length() - 1
-    k = kernel("tq_decode")
-    o, m, l = k(
-        inputs=[
-            q.astype(mx.float32),
-            kc,
-            kn,
-            vc,
-            vn,
-            kcb.astype(mx.float32),
-            vcb.astype(mx.float32),
-            _params(T, block),
+    mean (H, D) f32; tmap (H, D) vector (Hadamard D) or (H, D, D) matrix: y = T(x - mean)."""
+    B, H, L, D = x.shape
+    bits = bits_of(levels)
+    words = -(-D * bits // 32)
+    rot = int(tmap.ndim == 3)
+    rows = B * H * L
+    codes, norm = kernel("tq_encode")(
+        inputs=[x.reshape(rows, D), mean, tmap, levels, edges, _params(L, H)],
+        template=[
+            ("XT", x.dtype),
+            ("NT", norm_dtype),
+            ("D", D),
+            ("BITS", bits),
+            ("ROT", rot),
+            ("NC", int(bool(norm_correction))),
+            ("RPT", rows_per_tg),
         ],
-        template=[("NT", kn.dtype), ("D", D), ("KB", kbits), ("VB", vbits), ("G", G)],
-        grid=(32 * NSG, BH, nblocks),
-        threadgroup=(32 * NSG, 1, 1),
-        output_shapes=[(BH, nblocks, G, D), (BH, nblocks, G), (BH, nblocks, G)],
-        output_dtypes=[mx.float32, mx.float32, mx.float32],
-    )
-    return o, m, l
-
-
-def merge(o, m, l):
-    """tq_merge: (R, NB, D), (R, NB), (R, NB) -> (R, D), (R,), (R,)."""
-    R, NB, D = o.shape
-    tx = min(64, D)
-    k = kernel("tq_merge")
-    return k(
-        inputs=[o, m, l],
-        grid=(D, R, 1),
-        threadgroup=(tx, 1, 1),
-        output_shapes=[(R, D), (R,), (R,)],
-        output_dtypes=[mx.float32, mx.float32, mx.float32],
-    )
-
-
-def decode_attention(q, kc, kn, vc, vn, kcb, vcb, T: int, block=None):
-    """Decode attention over the first T coded tokens: q (BH, G, D) pre-rotated and pre-scaled.
-
-    Returns (o, m, l): o (BH, G, D) un-normalised rotated-domain output, m and l (BH, G) its max and
-    sum-exp, so the caller merges it exactly with other key blocks (the fp16 window, sinks).
-    """
-    BH, G, D = q.shape
-    block, nb = num_blocks(T, block)
-    o, m, l = decode_partial(q, kc, kn, vc, vn, kcb, vcb, T, block, nb)
-    if nb == 1:
-        return o[:, 0], m[:, 0], l[:, 0]
-    o = mx.swapaxes(o, 1, 2).reshape(BH * G, nb, D)
-    m = mx.swapaxes(m, 1, 2).reshape(BH * G, nb)
-    l = mx.swapaxes(l, 1, 2).reshape(BH * G, nb)
-    o, m, l = merge(o, m, l)
-    return o.reshape(BH, G, D), m.reshape(BH, G), l.reshape(BH, G)
-
-
-def dequantize(codes, norm, cb, T: int, D: int, out_dtype=mx.float16, rows_per_tg: int = 8):
-    """tq_dequant: codes (B, H, cap, words) + norms (B, H, cap) -> n * c[idx] (B, H, T, D) in out_dtype."""
-    B, H = norm.shape[:2]
-    bits = int(cb.shape[0]).bit_length() - 1
-    rows = B * H * T
-    k = kernel("tq_dequant")
-    (y,) = k(
-        inputs=[codes, norm, cb.astype(mx.float32), _params(T)],
-        template=[("NT", norm.dtype), ("OT", out_dtype), ("D", D), ("BITS", bits)],
-        grid=(32, rows, 1),
-        threadgroup=(32, rows_per_tg, 1),
-        output_shapes=[(B, H, T, D)],
-        output_dtypes=[out_dtype],
-    )
-    return y
-
-
-def encode_rotated(y, levels, edges, norm_dtype=mx.float16, norm_correction=True, rows_per_tg: int = 8):
-    """tq_encode: rotated y (..., D) -> (codes (..., NG*bits) uint32, norm (...) norm_dtype), like Segment.encode."""
-    lead, D = y.shape[:-1], y.shape[-1]
-    bits = int(levels.shape[0]).bit_length() - 1
-    rows = 1
-    for n in lead:
-        rows *= n
-    words = -(-D // 32) * bits
-    k = kernel("tq_encode")
-    codes, norm = k(
-        inputs=[y.astype(mx.float32).reshape(rows, D), levels.astype(mx.float32), edges.astype(mx.float32)],
-        template=[("NT", norm_dtype), ("D", D), ("BITS", bits), ("NC", int(bool(norm_correction)))],
         grid=(32, rows, 1),
         threadgroup=(32, rows_per_tg, 1),
         output_shapes=[(rows, words), (rows,)],
         output_dtypes=[mx.uint32, norm_dtype],
     )
-    return codes.reshape(*lead, words), norm.reshape(lead)
+    return codes.reshape(B, H, L, words), norm.reshape(B, H, L)
+
+
+def decode_partials(q, scale, qmap, kmr, kc, kn, vc, vn, kcb, vcb, sk, sv, wk, wv, T, S, R, G, block=None):
+    """tq_decode.  q (B, H*G, 1, D) raw; the code buffers hold T tokens (full capacity, (B, H, cap, ...));
+    sk/sv (B, H, S, D) and wk/wv (B, H, RC, D) fp16 hold S sink and R window tokens.
+    Returns po (B*H*G, NB+1, D), pm, pl (B*H*G, NB+1) float32."""
+    B, H = kn.shape[:2]
+    D = q.shape[-1]
+    GH = heads_per_group(G)
+    HG = -(-G // GH)
+    blk, nb = num_blocks(T, B * H * HG, block)
+    rows = B * H * G
+    return kernel("tq_decode")(
+        inputs=[q, float(scale), qmap, kmr, kc, kn, vc, vn, kcb, vcb, sk, sv, wk, wv, _params(T, blk, S, R)],
+        template=[
+            ("QT", q.dtype),
+            ("NT", kn.dtype),
+            ("D", D),
+            ("KB", bits_of(kcb)),
+            ("VB", bits_of(vcb)),
+            ("G", G),
+            ("GH", GH),
+            ("ROT", int(qmap.ndim == 3)),
+        ],
+        grid=(32 * NSG, B * H * HG, nb + 1),
+        threadgroup=(32 * NSG, 1, 1),
+        output_shapes=[(rows, nb + 1, D), (rows, nb + 1), (rows, nb + 1)],
+        output_dtypes=[mx.float32, mx.float32, mx.float32],
+    )
+
+
+def merge(po, pm, pl, vmr, omap, sinks, G, out_dtype):
+    """tq_merge: the partials -> normalised output rows (B*H*G, D) in out_dtype, original domain."""
+    rows, _, D = po.shape
+    has = sinks is not None
+    if not has:
+        sinks = _NO_SINKS.get("x")
+        if sinks is None:
+            sinks = _NO_SINKS["x"] = mx.zeros((1,))
+            mx.eval(sinks)
+    return kernel("tq_merge")(
+        inputs=[po, pm, pl, vmr, omap, sinks.astype(mx.float32), _params(int(has))],
+        template=[("OT", out_dtype), ("D", D), ("G", G), ("ROT", int(omap.ndim == 3))],
+        grid=(D, rows, 1),
+        threadgroup=(D, 1, 1),
+        output_shapes=[(rows, D)],
+        output_dtypes=[out_dtype],
+    )[0]
+
+
+def dequantize(codes, norm, cb, T: int, D: int, out_dtype=mx.float16, rows_per_tg: int = 8):
+    """tq_dequant: codes (B, H, cap, W) + norms (B, H, cap) -> n * c[idx] (B, H, T, D) in out_dtype."""
+    B, H = norm.shape[:2]
+    nc = D // 8
+    (y,) = kernel("tq_dequant")(
+        inputs=[codes, norm, cb, _params(T)],
+        template=[("NT", norm.dtype), ("OT", out_dtype), ("D", D), ("BITS", bits_of(cb))],
+        grid=(nc, B * H * T, 1),
+        threadgroup=(nc, rows_per_tg, 1),
+        output_shapes=[(B, H, T, D)],
+        output_dtypes=[out_dtype],
+    )
+    return y

@@ -1,90 +1,128 @@
 """Attention on a TurboQuantKVCache through the Metal kernels of `tq_mlx.kernels`.
 
-- decode (L = 1): `kernels.decode_attention` on the packed codes (single pass,
-  or split-K + merge for long contexts), merged with the cache's fp16 blocks
-  (sink tokens, the recent window) and the attention sinks by (max, sum-exp);
-- prefill (L > 1): the codes are dequantized into the stored (rotated) domain
-  with `kernels.dequantize` (float16; float32 for float32 models), the fp16
-  blocks are moved into the same domain with `codec.to_stored`, and
-  mx.fast.scaled_dot_product_attention runs on this layer's stored-domain q/k/v.
-Query-weighted keys need no kernel change: `rotate_query` gives R (q / w) and
-`to_stored` gives R (w k).  A centred codec's mean (`codec.mean_rot`) is added
-back here (decode: score shift and sum-exp times the mean; prefill: added to
-the dequantized tensors).  `attention.unsupported_reason` says when this path applies.
+- decode (L = 1): tq_decode scores the packed codes (queries rotated inside, split-K blocks as the
+  GPU needs) and the fp16 blocks (sink tokens, the recent window), tq_merge combines the blocks,
+  adds the centring means back, rotates the output back and normalises, all with the attention
+  sinks: two launches, no host sync, no other op;
+- prefill (L > 1): the codes are dequantized into the stored (rotated) domain with tq_dequant
+  (float16; float32 for float32 models), the fp16 blocks are moved into the same domain with
+  `codec.to_stored`, and mx.fast.scaled_dot_product_attention runs on this layer's stored-domain
+  q/k/v.
+`attention.unsupported_reason` says when this path applies.  Each kernel instantiation runs its
+first time under `kernels.guarded`: a failure falls back to the reference path (None here).
 """
 
 import mlx.core as mx
 
 from . import kernels as K
 from .fp16_codec import FP_KEY
-from .partials import Partial, from_scores, group_queries, merge, sink_partial, ungroup
+from .partials import group_queries, ungroup
+
+_PLACEHOLDERS = {}
+
+
+def _placeholder(shape):
+    """A zero array of `shape` (float16) for an absent input, made and evaluated once."""
+    z = _PLACEHOLDERS.get(shape)
+    if z is None:
+        z = _PLACEHOLDERS[shape] = mx.zeros(shape, mx.float16)
+        mx.eval(z)
+    return z
+
+
+def _fp16_inputs(buf, B, H, D):
+    """(k, v, count) for tq_decode from an fp16 store's buffers, or placeholders when it is empty."""
+    if buf is None:
+        z = _placeholder((B, H, 1, D))
+        return z, z, 0
+    return buf.k[FP_KEY], buf.v[FP_KEY], buf.length
 
 
 def kernel_decode(cache, queries, scale, sinks=None):
-    """L = 1: one kernel over the codes, merged with the fp16 blocks and sinks."""
-    B, Hq, _, _ = queries.shape
+    """L = 1: tq_decode + tq_merge.  Returns (B, Hq, 1, dv) in queries.dtype, or None (kernel unusable)."""
+    B, Hq, _, D = queries.shape
     H = cache.n_kv_heads
     G = Hq // H
-    q = group_queries(queries, H, scale)  # (B, H, G, dk)
-    parts = []
-    for b in cache.blocks():
-        if b.is_fp:
-            k, v = b.k[FP_KEY].astype(mx.float32), b.v[FP_KEY].astype(mx.float32)
-            parts.append(from_scores(q @ mx.swapaxes(k, -1, -2), lambda p, v=v: p @ v))
-            continue
-        ck, cv = b.k_codec, b.v_codec
-        buf = cache.code_buffers()
-        qr = ck.rotate_query(q)
-        o, m, l = K.decode_attention(
-            qr.reshape(B * H, G, -1),
+    ck, cv = cache.k_codec, cache.v_codec
+    buf = cache.code_buffers()
+    sink, window = cache.fp16_buffers()
+    sk, sv, S = _fp16_inputs(sink, B, H, D)
+    wk, wv, R = _fp16_inputs(window, B, H, D)
+    qmap, omap = ck.kernel_map("query"), cv.kernel_map("output")
+
+    def run():
+        po, pm, pl = K.decode_partials(
+            queries,
+            scale,
+            qmap,
+            ck.kernel_mean_rot,
             buf.k["codes0"],
             buf.k["norm0"],
             buf.v["codes0"],
             buf.v["norm0"],
             ck.levels,
             cv.levels,
+            sk,
+            sv,
+            wk,
+            wv,
             buf.length,
+            S,
+            R,
+            G,
         )
-        o, m, l = o.reshape(B, H, G, -1), m.reshape(B, H, G), l.reshape(B, H, G)
-        if ck.mean_rot is not None:  # centred keys: every coded score gains <R q, R mean_k>
-            m = m + (qr * ck.mean_rot).sum(axis=-1)
-        if cv.mean_rot is not None:  # centred values: sum_t p_t (y_t + R mean_v)
-            o = o + l[..., None] * cv.mean_rot
-        parts.append(Partial(cv.unrotate(o), m, l))
-    if sinks is not None:
-        parts.append(sink_partial(sinks, B, H, 1))
-    return ungroup(merge(parts), Hq, queries.dtype)
+        return K.merge(po, pm, pl, cv.kernel_mean_rot, omap, sinks, G, queries.dtype)
+
+    key = (
+        "decode",
+        queries.dtype,
+        buf.k["norm0"].dtype,
+        D,
+        K.bits_of(ck.levels),
+        K.bits_of(cv.levels),
+        G,
+        qmap.ndim,
+        sinks is not None,
+    )
+    out = K.guarded(key, run)
+    return None if out is None else out.reshape(B, Hq, 1, D)
 
 
 def kernel_prefill(cache, queries, scale, mask=None, sinks=None):
-    """L > 1: mx.fast.scaled_dot_product_attention on this layer's stored-domain q/k/v.
+    """L > 1: mx.fast.scaled_dot_product_attention on this layer's stored-domain q/k/v, or None.
 
     float32 models (the CPU) get float32 stored-domain K/V; fp16/bf16 models float16."""
     B, Hq, L, dk = queries.shape
     H = cache.n_kv_heads
     dtype = mx.float32 if queries.dtype == mx.float32 else mx.float16
     blocks = cache.blocks()
-    sinks = None if sinks is None else sinks.astype(dtype)
-    coded = [b for b in blocks if not b.is_fp]
-    if not coded:  # fp16 tokens only: attention in the original domain
-        k = mx.concatenate([b.k[FP_KEY] for b in blocks], axis=2).astype(dtype)
-        v = mx.concatenate([b.v[FP_KEY] for b in blocks], axis=2).astype(dtype)
-        o = mx.fast.scaled_dot_product_attention(queries.astype(dtype), k, v, scale=scale, mask=mask, sinks=sinks)
-        return o.astype(queries.dtype)
-    ck, cv = coded[0].k_codec, coded[0].v_codec
+    ck, cv = next((b.k_codec, b.v_codec) for b in blocks if not b.is_fp)
+    buf = cache.code_buffers()
+
+    def dequant():
+        out = []
+        for codec, enc in ((ck, buf.k), (cv, buf.v)):
+            y = K.dequantize(enc["codes0"], enc["norm0"], codec.levels, buf.length, codec.d, dtype)
+            out.append(y if codec.mean_rot is None else (y.astype(mx.float32) + codec.mean_rot).astype(dtype))
+        return out
+
+    key = ("dequant", dtype, buf.k["norm0"].dtype, dk, K.bits_of(ck.levels), K.bits_of(cv.levels))
+    coded = K.guarded(key, dequant)
+    if coded is None:
+        return None
     ks, vs = [], []  # temporal order, all in the stored domain
     for b in blocks:
         if b.is_fp:
             ks.append(ck.to_stored(b.k[FP_KEY]).astype(dtype))
             vs.append(cv.to_stored(b.v[FP_KEY]).astype(dtype))
-            continue
-        buf = cache.code_buffers()
-        for xs, codec, enc in ((ks, ck, buf.k), (vs, cv, buf.v)):
-            y = K.dequantize(enc["codes0"], enc["norm0"], codec.levels, buf.length, codec.d, dtype)
-            xs.append(y if codec.mean_rot is None else (y.astype(mx.float32) + codec.mean_rot).astype(dtype))
+        else:
+            ks.append(coded[0])
+            vs.append(coded[1])
     k = ks[0] if len(ks) == 1 else mx.concatenate(ks, axis=2)
     v = vs[0] if len(vs) == 1 else mx.concatenate(vs, axis=2)
     q = ck.rotate_query(group_queries(queries, H, 1.0)).reshape(B, Hq, L, dk).astype(dtype)
-    o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, sinks=sinks)
+    o = mx.fast.scaled_dot_product_attention(
+        q, k, v, scale=scale, mask=mask, sinks=None if sinks is None else sinks.astype(dtype)
+    )
     o = cv.unrotate(o.astype(mx.float32).reshape(B, H, -1, v.shape[-1]))
     return ungroup(o, Hq, queries.dtype)

@@ -53,7 +53,6 @@ def reference_attention(cache, queries, scale, mask=None, sinks=None):
     H = cache.n_kv_heads
     G = Hq // H
     q = group_queries(queries, H, scale)
-    cache.prepare_attention(q)
     blocks = cache.blocks()
     s = mx.concatenate([b.k_codec.scores(b.k_codec.rotate_query(q), b.k) for b in blocks], axis=-1)
     T = s.shape[-1]

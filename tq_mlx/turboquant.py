@@ -49,12 +49,10 @@ def _sign_pm(words: mx.array, n: int) -> mx.array:
 class Segment:
     """One TurboQuant instance over `n` rotated coordinates: mse at `mse_bits` (0 = none) plus optional QJL."""
 
-    def __init__(self, n, bits, qjl, qjl_kind, qjl_seeds, norm_correction, use_kernels=False):
+    def __init__(self, n, bits, qjl, qjl_kind, qjl_seeds, norm_correction):
         self.n, self.bits, self.qjl = n, bits, qjl
         self.mse_bits = bits - 1 if qjl else bits
         self.norm_correction = norm_correction
-        # encode through the tq_encode Metal kernel (the caller decides: kernels.enabled())
-        self.kernel_encode = use_kernels and not qjl and n in kernels.SUPPORTED_D
         if self.mse_bits:
             levels = cbk.codebook(n, self.mse_bits)
             self.levels = mx.array(levels)
@@ -80,9 +78,6 @@ class Segment:
         return (32 * words + norm_bits * (1 + self.qjl)) / self.n
 
     def encode(self, y: mx.array, norm_dtype) -> dict:
-        if self.kernel_encode:
-            codes, norm = kernels.encode_rotated(y, self.levels, self.edges, norm_dtype, self.norm_correction)
-            return {"codes": codes, "norm": norm}
         norm = mx.linalg.norm(y, axis=-1)
         u = y / mx.maximum(norm, 1e-30)[..., None]
         out = {}
@@ -209,7 +204,6 @@ class TurboQuant:
                     qjl_kind,
                     [derive_seed(seed, layer, h, part, 100 + i) for h in range(n_heads)],
                     norm_correction,
-                    use_kernels,
                 )
                 for i, (n, b) in enumerate(zip(sizes, bits))
             ]
@@ -220,6 +214,11 @@ class TurboQuant:
         if self.weight is not None and self.weight.ndim == 3:
             self._winv = mx.array(np.linalg.inv(np.array(self.weight, dtype=np.float64)).astype(np.float32))
         self.mean_rot = None if mean is None else self.to_stored(self.mean[None, :, None, :])
+        self.kernel_encode = use_kernels and self.kernel_reason() is None  # tq_encode, the caller decides
+        self._maps = {}
+        zeros = mx.zeros((n_heads, d))
+        self.kernel_mean = self.mean if mean is not None else zeros  # what tq_encode subtracts
+        self.kernel_mean_rot = zeros if mean is None else self.mean_rot[0, :, 0]  # what the decode adds back
 
     @property
     def side_nbytes(self) -> int:
@@ -232,6 +231,16 @@ class TurboQuant:
     def bits_per_element(self) -> float:
         nb = 16 if self.norm_dtype == mx.float16 else 32
         return sum(s.stored_bits(nb) * s.n for s in self.segments) / self.d
+
+    def constants(self) -> list:
+        """Every array the codec holds."""
+        out = [a for a in (self.mean, self.mean_rot, self.weight, self._winv) if a is not None]
+        out += [self.kernel_mean, self.kernel_mean_rot]
+        out += [data for _, data in self.rotation.blocks]
+        out += [a for a in (self.rotation.perm, self.rotation.inv_perm) if a is not None]
+        for s in self.segments:
+            out += [getattr(s, n) for n in ("levels", "edges", "S") if hasattr(s, n)]
+        return out
 
     def calibration_state(self) -> dict:
         out = {} if self.rotation.perm is None else {"perm": self.rotation.perm}
@@ -258,6 +267,27 @@ class TurboQuant:
         """The Lloyd-Max codebook of the single segment, float32 (2**bits,) (see kernel_reason)."""
         return self.segments[0].levels
 
+    def kernel_map(self, which: str) -> mx.array:
+        """The transform a kernel applies, float32: "encode" y = T(x - mean), "query" q' = T q (the stored
+        domain), "output" x = T y (back).  A (H, D) vector a for a randomized Hadamard rotation with
+        diagonal weights (T = a * H_u x for encode/query, a * H_u y for output, H_u the unnormalised
+        Walsh-Hadamard transform), else a dense (H, D, D) matrix (T x = M x)."""
+        if which not in self._maps:
+            self._maps[which] = self._kernel_map(which)
+            mx.eval(self._maps[which])
+        return self._maps[which]
+
+    def _kernel_map(self, which: str) -> mx.array:
+        kind, data = self.rotation.blocks[0]
+        diag = self.weight is None or self.weight.ndim == 2
+        if kind == "hadamard" and diag and self.rotation.perm is None and self.d in kernels.HADAMARD_D:
+            s = data[:, 0, :] / (self.d**0.5)
+            w = mx.ones_like(s) if self.weight is None else self.weight
+            return s * w if which == "encode" else s / w
+        eye = mx.broadcast_to(mx.eye(self.d)[None, None], (1, self.n_heads, self.d, self.d))
+        fn = {"encode": self.to_stored, "query": self.rotate_query, "output": self.unrotate}[which]
+        return mx.swapaxes(fn(eye)[0], -1, -2)
+
     # ---- the codec interface -------------------------------------------------
     def _split(self, y):
         return [y] if len(self.segments) == 1 else mx.split(y, self._cuts, axis=-1)
@@ -267,6 +297,19 @@ class TurboQuant:
 
     def encode(self, x: mx.array) -> dict:
         """Codes for x (B, H, T, d): a dict of arrays with leading dims (B, H, T)."""
+        if self.kernel_encode:
+            seg, tmap = self.segments[0], self.kernel_map("encode")
+
+            def run():
+                return kernels.encode(
+                    x, self.kernel_mean, tmap, seg.levels, seg.edges, self.norm_dtype, seg.norm_correction
+                )
+
+            key = ("encode", x.dtype, self.norm_dtype, self.d, seg.mse_bits, tmap.ndim, seg.norm_correction)
+            out = kernels.guarded(key, run)
+            if out is not None:
+                return {"codes0": out[0], "norm0": out[1]}
+            self.kernel_encode = False  # this instantiation failed: MLX ops from now on
         x = x.astype(mx.float32)
         if self.mean is not None:
             x = x - self.mean[:, None, :]
