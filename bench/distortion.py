@@ -281,7 +281,7 @@ def plot(path, ctx, rows, dims):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="bench/out/distortion", help="output directory")
+    p.add_argument("--out", default="tq-bench-results", help="output directory")
     p.add_argument("--n", type=int, default=8192, help="unit vectors per (codec, d)")
     p.add_argument("--dims", default="64,128,256", help="comma-separated head dims")
     p.add_argument("--max-bits", type=int, default=6, help="largest TurboQuant_mse bit width")

@@ -1,228 +1,276 @@
-"""Decode-attention speed per layer against context length: `python -m tq_mlx.bench.kernels`.
+"""Decode attention per layer: launches, bytes and a modelled Mac latency anywhere; measured times on a Mac.
 
-Times one layer's decode step (one query token, Llama-3.1-8B-like shapes by default:
-32 query heads, 8 KV heads, head_dim 128) for
-- fp16: mx.fast.scaled_dot_product_attention on float16 K/V;
-- affine4 / affine8: mlx-lm's quantized_scaled_dot_product_attention (group size 64);
-- TurboQuant presets: tq_mlx.attention.attention on a TurboQuantKVCache holding the
-  context as codes (the Metal kernels on a Metal back-end, the reference path elsewhere).
-For each it reports the bytes of KV read per step and the implied bandwidth; with a peak
-bandwidth (--peak-gbps, or the chip table below on a Metal back-end) the implied fraction of it.
+    python -m tq_mlx.bench.kernels [--contexts 1k,4k,16k,32k,64k] [--presets k4v4,k4v3,k8v4] [--out DIR]
 
-Without Metal it says so, times everything on the CPU (contexts capped by --max-context,
-8K by default) and labels every figure with the back-end that produced it: no Metal
-number is ever printed that was not measured.  Writes JSON (+ PNG with matplotlib).
+For each preset: the launches of one decode step of one layer beyond mlx-lm's fp16 cache (traced, update
+and attention together: bench/launches.py), the KV bytes the step reads, the kernel's instructions per
+key row (the hand count next to tq_decode), and from these a *modelled* decode-attention latency per layer
+for M1..M4 Max-class GPUs against fp16, with the assumptions printed next to it.  On a Metal back-end it
+also *measures* the step: fp16 mx.fast.scaled_dot_product_attention, mlx-lm's quantized SDPA at 4 and 8
+bits, and the TurboQuant kernels.  Without Metal it says so, and measures nothing it would label Metal.
+Writes JSON, markdown and a PNG into --out.
 """
 
 import argparse
-import datetime
-import json
-import platform
-import sys
 import time
 from pathlib import Path
 
 import mlx.core as mx
 
-PEAK_GBPS = {  # unified-memory bandwidth by chip name fragment (field notes, section 4)
-    "M1 Ultra": 800,
-    "M2 Ultra": 800,
-    "M1 Max": 400,
-    "M2 Max": 400,
-    "M3 Max": 400,
-    "M4 Max": 546,
-    "M1 Pro": 200,
-    "M2 Pro": 200,
-    "M3 Pro": 150,
-    "M4 Pro": 273,
-    "M1": 68,
-    "M2": 100,
-    "M3": 100,
-    "M4": 120,
-    "M5": 153,
+from . import report
+from .launches import fp_cache_launches, trace_step
+
+# M-series Max-class GPUs: (peak GB/s, GPU cores, GPU clock GHz) from Apple's published figures
+CHIPS = {"M1 Max": (400, 32, 1.30), "M2 Max": (400, 38, 1.40), "M3 Max": (400, 40, 1.40), "M4 Max": (546, 40, 1.58)}
+ASSUMPTIONS = {
+    "bandwidth_efficiency": 0.8,  # of peak, for a streaming read
+    "simd_issue_per_core_per_clock": 4,  # simdgroup instructions (32 lanes) per GPU core and clock
+    "launch_us": 3.0,  # per dependent kernel launch on the same queue (the issue's 2-5 us)
+    "fp16_sdpa_bandwidth_bound": True,  # MLX's sdpa_vector is modelled at its bandwidth floor only
 }
 
 
-def _context():
-    info = {
-        "machine": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "mlx": mx.__version__,
-        "command": " ".join(sys.argv),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "backend": "metal" if mx.metal.is_available() else "cpu",
-    }
-    try:
-        import mlx_lm
+def instructions_per_key_row(D: int, kb: int, vb: int, G: int) -> float:
+    """tq_decode's instruction count per key row (per simdgroup step over KPI keys), by the same hand count
+    as the comment in metal_kernels/tq_decode.metal (78 at D=128, G=4, 4/4 bits)."""
+    nc = D // 8
+    lpk = 8 if nc <= 8 else 16 if nc <= 16 else 32
+    kpi = 32 // lpk
+    gh = 1 if G == 1 else 2 if G == 2 else 4
 
-        info["mlx_lm"] = mlx_lm.__version__
-    except Exception:  # noqa: BLE001
-        pass
-    if info["backend"] == "metal":
-        try:
-            info["device"] = {
-                k: (v if isinstance(v, (int, float, str)) else str(v)) for k, v in mx.metal.device_info().items()
-            }
-        except Exception:  # noqa: BLE001
-            pass
-    return info
+    def unpack(b, addr):  # row address, loads (+ a funnel shift across words), 8 codes, lookups, norm
+        words = 1 if 8 * b <= 32 else 2
+        funnel = 0 if 32 % (8 * b) == 0 or 8 * b == 64 else 6
+        return addr + words + funnel + 15 + 8 + 2
+
+    stages = gh.bit_length() - 1
+    reduce = sum(4 * (gh >> (s + 1)) for s in range(stages)) + 2 * ((lpk // gh).bit_length() - 1)
+    scores, accumulate, weights, softmax, loop = 8 * gh, 8 * gh, 2 * gh, 8, 3
+    step = unpack(kb, 3) + unpack(vb, 2) + scores + reduce + softmax + weights + accumulate + loop
+    return step / kpi
 
 
-def _peak(ctx, override):
-    if override:
-        return float(override)
-    if ctx["backend"] != "metal":
-        return None
-    name = str(ctx.get("device", {}).get("device_name", ""))
-    for frag in sorted(PEAK_GBPS, key=len, reverse=True):
-        if frag in name:
-            return float(PEAK_GBPS[frag])
-    return None
+def step_bytes(preset: str, H: int, D: int, T: int) -> int:
+    """KV bytes one decode step reads at T tokens: codes and norms (and the fp16 sink token)."""
+    import tq_mlx
+    from tq_mlx.packing import packed_words
+
+    cfg = tq_mlx.resolve_config(preset)
+    per = 0
+    for spec in (cfg.keys, cfg.values):
+        per += 4 * packed_words(D, int(spec.bits)) + 2
+    return H * (T - cfg.fp_sink) * per + H * cfg.fp_sink * 2 * D * 2
 
 
-def _time(fn, repeats, warmup=2):
-    for _ in range(warmup):
-        mx.eval(fn())
+def modelled_ms(nbytes: int, launches: int, instr: float = 0.0, chip=(400, 38, 1.4)) -> float:
+    """max(bandwidth floor, instruction floor) + launches x launch cost, in ms."""
+    gbps, cores, ghz = chip
+    t_bw = nbytes / (ASSUMPTIONS["bandwidth_efficiency"] * gbps * 1e9)
+    t_alu = instr / (cores * ASSUMPTIONS["simd_issue_per_core_per_clock"] * ghz * 1e9)
+    return 1e3 * (max(t_bw, t_alu) + launches * ASSUMPTIONS["launch_us"] * 1e-6)
+
+
+def count_launches(preset: str, H: int, D: int, G: int):
+    """(launches of one kernel-path decode step, its CustomKernel count) for a small cache of `preset`."""
+    import tq_mlx
+    from tq_mlx.attention import attention
+
+    cache = tq_mlx.TurboQuantKVCache(tq_mlx.resolve_config(preset, quant_start=0))
+    k = mx.random.normal((1, H, 80, D)).astype(mx.float16)
+    cache.update_and_fetch(k, k)
+    mx.eval(attention(cache, mx.random.normal((1, H * G, 80, D)).astype(mx.float16), D**-0.5, "causal"))
+    for c in (cache.k_codec, cache.v_codec):  # encoded on this CPU; the traced step encodes with tq_encode
+        c.kernel_encode = c.kernel_reason() is None
+    q = mx.random.normal((1, H * G, 1, D)).astype(mx.float16)
+    x = mx.random.normal((1, H, 1, D)).astype(mx.float16)
+    launches, _ = trace_step(cache, q, x, x, D**-0.5, "metal")
+    return sum(launches.values()), launches["CustomKernel"]
+
+
+def _time(fn, repeats):
+    mx.eval(fn())
     ts = []
     for _ in range(repeats):
         t = time.perf_counter()
         mx.eval(fn())
         ts.append(time.perf_counter() - t)
-    ts.sort()
-    return ts[len(ts) // 2]
+    return sorted(ts)[len(ts) // 2]
 
 
-def _nbytes(arrays):
-    return int(sum(a.nbytes for a in arrays))
-
-
-def bench_context(T, args):
+def measure(T, preset, Hq, H, D, repeats):
+    """Measured ms per decode-attention call at T tokens (Metal only): fp16 SDPA, affine 4/8, TurboQuant."""
     from mlx_lm.models.base import quantized_scaled_dot_product_attention
 
     import tq_mlx
     from tq_mlx.attention import attention
 
-    from .quality import settle
-
-    Hq, H, D = args.q_heads, args.kv_heads, args.head_dim
-    scale = D**-0.5
-    mx.random.seed(T)
     k = mx.random.normal((1, H, T, D)).astype(mx.float16)
     v = mx.random.normal((1, H, T, D)).astype(mx.float16)
     q = mx.random.normal((1, Hq, 1, D)).astype(mx.float16)
-    mx.eval(k, v, q)
-    rows = []
-
-    def add(name, fn, nbytes):
-        t = _time(fn, args.repeats)
-        rows.append({"method": name, "context": T, "seconds": t, "kv_bytes": nbytes, "gbps": nbytes / t / 1e9})
-
-    add("fp16", lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale), _nbytes([k, v]))
-    for bits in args.affine:
+    out = {"fp16": 1e3 * _time(lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=D**-0.5), repeats)}
+    for bits in (4, 8):
         qk, qv = mx.quantize(k, group_size=64, bits=bits), mx.quantize(v, group_size=64, bits=bits)
-        mx.eval(qk, qv)
-        add(
-            f"affine{bits}",
-            lambda qk=qk, qv=qv, bits=bits: quantized_scaled_dot_product_attention(q, qk, qv, scale, None, 64, bits),
-            _nbytes([*qk, *qv]),
+        out[f"affine{bits}"] = 1e3 * _time(
+            lambda qk=qk, qv=qv, b=bits: quantized_scaled_dot_product_attention(q, qk, qv, D**-0.5, None, 64, b),
+            repeats,
         )
-        del qk, qv
-    for preset in args.presets:
-        cache = tq_mlx.TurboQuantKVCache(tq_mlx.resolve_config(preset, fp_window=0))
-        for s in range(0, T, 4096):  # encode in chunks (bounded temporary memory), attention after each
-            cache.update_and_fetch(k[:, :, s : s + 4096], v[:, :, s : s + 4096])
-            settle(cache, Hq)
+    cache = tq_mlx.TurboQuantKVCache(tq_mlx.resolve_config(preset, quant_start=0))
+    for s in range(0, T, 4096):
+        cache.update_and_fetch(k[:, :, s : s + 4096], v[:, :, s : s + 4096])
+        mx.eval(attention(cache, q, D**-0.5))
+    out[preset] = 1e3 * _time(lambda: attention(cache, q, D**-0.5), repeats)
+    return out
 
-        def step(cache=cache):
-            return attention(cache, q, scale)
 
-        nbytes = _nbytes([a for b in cache.blocks() for a in (*b.k.values(), *b.v.values())])
-
-        add(f"tq-{preset}", step, nbytes)
-        del cache
-    return rows
+def _ctx_len(s):
+    s = s.strip().lower()
+    return int(float(s[:-1]) * 1024) if s.endswith("k") else int(s)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--min-context", type=int, default=1024)
-    p.add_argument(
-        "--max-context", type=int, default=None, help="largest context (default 131072 with Metal, 8192 without)"
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument("--presets", nargs="+", default=["k4v4", "k4v3", "k8v4"])
-    p.add_argument("--affine", nargs="*", type=int, default=[4, 8])
-    p.add_argument("--q-heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--peak-gbps", type=float, default=None, help="peak memory bandwidth for the fraction column")
-    p.add_argument("--out", default="bench/results/kernels.json")
-    p.add_argument("--no-png", action="store_true")
+    p.add_argument("--contexts", default="1k,4k,16k,32k,64k", help="context lengths for the model and timings")
+    p.add_argument("--presets", default="k4v4,k4v3,k8v4", help="comma-separated TurboQuant presets")
+    p.add_argument("--q-heads", type=int, default=32, help="query heads (default: Llama-3-8B)")
+    p.add_argument("--kv-heads", type=int, default=8, help="KV heads")
+    p.add_argument("--head-dim", type=int, default=128, help="head dimension")
+    p.add_argument("--repeats", type=int, default=10, help="timed repeats per point (Metal only)")
+    p.add_argument("--out", default="tq-bench-results", help="output folder")
+    p.add_argument("--tag", default="kernels", help="file name stem")
     args = p.parse_args(argv)
-
-    ctx = _context()
-    metal = ctx["backend"] == "metal"
-    if args.max_context is None:
-        args.max_context = 131072 if metal else 8192
+    contexts = [_ctx_len(c) for c in args.contexts.split(",")]
+    presets = [s for s in args.presets.split(",") if s]
+    Hq, H, D = args.q_heads, args.kv_heads, args.head_dim
+    G = Hq // H
+    metal = mx.metal.is_available()
+    ctx = report.context(
+        None, argv, shapes={"q_heads": Hq, "kv_heads": H, "head_dim": D}, assumptions=ASSUMPTIONS, chips=CHIPS
+    )
     if not metal:
         print(
-            "No Metal back-end here: the Metal kernels cannot run. Timing the CPU implementations "
-            "instead (TurboQuant through the reference path); these are CPU figures, not Metal ones."
+            "No Metal back-end here: launches, bytes and instruction counts are counted, latencies are "
+            "modelled (not measured); time on a Mac for measured figures."
         )
-    peak = _peak(ctx, args.peak_gbps)
-    contexts, T = [], args.min_context
-    while T <= args.max_context:
-        contexts.append(T)
-        T *= 2
-    rows = []
-    print(f"{'method':>12} {'context':>8} {'ms/layer':>9} {'KV MB':>8} {'GB/s':>7}" + ("  of peak" if peak else ""))
+    rows, per = [], {}
+    for preset in presets:
+        import tq_mlx
+
+        cfg = tq_mlx.resolve_config(preset)
+        n, kernels_n = count_launches(preset, H, D, G)
+        instr = instructions_per_key_row(D, int(cfg.keys.bits), int(cfg.values.bits), G)
+        per[preset] = {"launches": n, "kernel_launches": kernels_n, "instructions_per_key_row": instr}
     for T in contexts:
-        for r in bench_context(T, args):
-            r["backend"] = ctx["backend"]
-            r["fraction_of_peak"] = r["gbps"] / peak if peak else None
-            rows.append(r)
-            frac = f"  {100 * r['fraction_of_peak']:6.1f}%" if peak else ""
-            print(
-                f"{r['method']:>12} {T:>8} {1e3 * r['seconds']:9.3f} {r['kv_bytes'] / 1e6:8.2f} {r['gbps']:7.2f}{frac}",
-                flush=True,
-            )
+        fp_bytes = 2 * H * T * D * 2
+        fp_l = fp_cache_launches(T)
+        row = {"context": T, "method": "fp16", "launches": fp_l, "extra_launches": 0, "kv_bytes": fp_bytes}
+        for chip, spec in CHIPS.items():
+            row[f"model_ms {chip}"] = modelled_ms(fp_bytes, fp_l, 0.0, spec)
+        rows.append(row)
+        for preset in presets:
+            b = step_bytes(preset, H, D, T)
+            hg = -(-G // (1 if G == 1 else 2 if G == 2 else 4))
+            instr = per[preset]["instructions_per_key_row"] * T * H * hg
+            row = {
+                "context": T,
+                "method": preset,
+                "launches": per[preset]["launches"],
+                "extra_launches": per[preset]["launches"] - fp_l,
+                "kv_bytes": b,
+                "bytes_vs_fp16": fp_bytes / b,
+                "instructions_per_key_row": per[preset]["instructions_per_key_row"],
+            }
+            for chip, spec in CHIPS.items():
+                row[f"model_ms {chip}"] = modelled_ms(b, per[preset]["launches"], instr, spec)
+            rows.append(row)
+        if metal:
+            for preset in presets:
+                for name, ms in measure(T, preset, Hq, H, D, args.repeats).items():
+                    rows.append({"context": T, "method": name, "measured_ms": ms})
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    shapes = {"q_heads": args.q_heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim, "batch": 1}
-    tq_path = "metal kernels" if metal else "reference path (MLX ops on the CPU)"
-    out.write_text(
-        json.dumps(
-            {"context": {**ctx, "peak_gbps": peak, "shapes": shapes, "tq_path": tq_path}, "results": rows}, indent=1
+    out.mkdir(parents=True, exist_ok=True)
+    res = report.Results(out / f"{args.tag}.json", ctx)
+    for i, r in enumerate(rows):
+        res.add(f"{r['method']}@{r['context']}#{i}", r)
+    model_cols = [f"model_ms {c}" for c in CHIPS]
+    modelled = [r for r in rows if "launches" in r]
+    sections = [
+        (
+            "Per layer per decode step (launches: update + attention; KV bytes read)",
+            report.md_table(
+                modelled,
+                [
+                    "context",
+                    "method",
+                    "launches",
+                    "extra_launches",
+                    "kv_bytes",
+                    "bytes_vs_fp16",
+                    "instructions_per_key_row",
+                ],
+                [
+                    "context",
+                    "cache",
+                    "launches",
+                    "beyond fp16",
+                    "KV bytes",
+                    "fewer bytes than fp16",
+                    "instructions / key row",
+                ],
+            ),
+        ),
+        (
+            "Modelled, not measured: decode attention per layer, ms (assumptions in the context block)",
+            report.md_table(modelled, ["context", "method", *model_cols], ["context", "cache", *CHIPS]),
+        ),
+    ]
+    sections.append(
+        (
+            "How the model is made",
+            "\n".join(
+                [f"- {k}: {v}" for k, v in ASSUMPTIONS.items()]
+                + [f"- {c}: {bw} GB/s peak, {cores} GPU cores, {ghz} GHz" for c, (bw, cores, ghz) in CHIPS.items()]
+                + [
+                    "- latency = max(KV bytes / (efficiency x peak bandwidth), key rows x instructions per key row /"
+                    " (cores x issue x clock)) + launches x launch cost; fp16 at its bandwidth floor only;",
+                    "- instructions per key row: the hand count in metal_kernels/tq_decode.metal, not a compiler's;",
+                    "- nothing here ran on a Mac unless the 'Measured' table is present.",
+                ]
+            ),
         )
     )
-    print(f"wrote {out}")
-    if not args.no_png:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-
-            fig, ax = plt.subplots(figsize=(7, 4.5))
-            for m in dict.fromkeys(r["method"] for r in rows):
-                pts = [(r["context"], 1e3 * r["seconds"]) for r in rows if r["method"] == m]
-                ax.plot(*zip(*pts), marker="o", label=m)
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("context (tokens)")
-            ax.set_ylabel("decode attention per layer (ms)")
-            ax.set_title(
-                f"{ctx['backend']} back-end ({'measured Metal' if metal else 'CPU only, no Metal'}), "
-                f"Hq={args.q_heads} H={args.kv_heads} d={args.head_dim}",
-                fontsize=9,
+    measured = [r for r in rows if "measured_ms" in r]
+    if measured:
+        sections.append(
+            (
+                "Measured on this Mac: decode attention per layer, ms",
+                report.md_table(measured, ["context", "method", "measured_ms"], ["context", "method", "ms"]),
             )
-            ax.legend(fontsize=8)
-            fig.tight_layout()
-            fig.savefig(out.with_suffix(".png"), dpi=120)
-            print(f"wrote {out.with_suffix('.png')}")
-        except ImportError:
-            print("matplotlib missing: no PNG")
+        )
+    md = report.write_md(out / f"{args.tag}.md", f"Decode attention per layer: Hq={Hq}, H={H}, d={D}", ctx, sections)
+    plt = report.plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    chip = "M2 Max"
+    for m in dict.fromkeys(r["method"] for r in modelled):
+        pts = [(r["context"], r[f"model_ms {chip}"]) for r in modelled if r["method"] == m]
+        ax.plot(*zip(*pts), marker="o", label=f"{m} (modelled)")
+    for m in dict.fromkeys(r["method"] for r in measured):
+        pts = [(r["context"], r["measured_ms"]) for r in measured if r["method"] == m]
+        ax.plot(*zip(*pts), marker="s", linestyle="--", label=f"{m} (measured)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("decode attention per layer (ms)")
+    ax.set_title(
+        f"{chip}: modelled{' and measured' if measured else ', not measured'}; Hq={Hq} H={H} d={D}", fontsize=9
+    )
+    ax.legend(fontsize=7)
+    png = report.save_fig(fig, out / f"{args.tag}.png", ctx)
+    for line in md.read_text().split("\n## ")[1:3]:
+        print("## " + line)
+    print(f"wrote {out / (args.tag + '.json')}, {md}, {png}")
+    return 0
 
 
 if __name__ == "__main__":

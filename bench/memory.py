@@ -272,22 +272,20 @@ def write(res, base, contexts, ctx):
         ],
     )
     plt = report.plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8.5, 5))
+    n_base = n_tq = 0
     for r in res.entries.values():
         if "total" in r:
-            ax.plot(
-                contexts,
-                [r["total"][str(c)] / 2**20 for c in contexts],
-                marker=".",
-                label=r["name"],
-                ls="--" if r["name"] in quality.BASELINES else "-",
-            )
+            is_base = r["name"] in quality.BASELINES
+            kw = report.style(n_base if is_base else n_tq, is_base)
+            n_base, n_tq = n_base + is_base, n_tq + (not is_base)
+            ax.plot(contexts, [r["total"][str(c)] / 2**20 for c in contexts], label=r["name"], ms=4, **kw)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("context (tokens)")
     ax.set_ylabel("KV cache MiB (whole model)")
     ax.set_title(f"KV cache size: {ctx.get('model')}")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     png = report.save_fig(fig, f"{base}.png", ctx)
     return [res.path, md, png]

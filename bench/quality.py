@@ -163,8 +163,9 @@ def pareto(rows, x="bpe_marginal", y="kl_mean"):
     return front
 
 
-def run(model, tokens, names, results, chunk: int = 256, progress=None):
-    """Quality of every cache in `names` against the fp cache; records go into `results`."""
+def run(model, tokens, names, results, chunk: int = 256, progress=None, **overrides):
+    """Quality of every cache in `names` against the fp cache; records go into `results`.
+    overrides (e.g. quant_start=0) apply to the tq-mlx presets."""
     from tqdm import tqdm
 
     heads, d = kv_dims(model)
@@ -174,7 +175,7 @@ def run(model, tokens, names, results, chunk: int = 256, progress=None):
             continue
         rec = {"name": name}
         try:
-            cache = make_cache(model, name)
+            cache = make_cache(model, name, **({} if name in BASELINES else overrides))
             lp = log_probs_with_cache(model, tokens, cache, chunk)
             rec.update(compare(ref, lp, tokens))
             rec.update(cache_bits(cache))

@@ -211,10 +211,20 @@ def plt():
     return pyplot
 
 
+def style(i: int, baseline: bool = False) -> dict:
+    """Plot keywords that tell up to 60 series apart: 10 colours x 6 marker/line combinations;
+    baselines (mlx-lm's caches) in greys, dashed."""
+    if baseline:
+        return {"color": ("black", "dimgray", "gray", "darkgray")[i % 4], "ls": "--", "marker": "x"}
+    markers, lines = "os^Dv*", ("-", "-.", ":")
+    return {"color": f"C{i % 10}", "marker": markers[(i // 10) % 6], "ls": lines[(i // 10) % 3]}
+
+
 def save_fig(fig, path, ctx: dict):
-    """Save with a one-line context footer."""
+    """Save with a one-line context footer below the axes (room is made for it)."""
     foot = f"{ctx.get('model')} | MLX {ctx.get('mlx')} {ctx.get('backend')} | {ctx.get('machine')}"
-    fig.text(0.01, 0.005, foot[:150], fontsize=6, color="gray")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.text(0.01, 0.01, foot[:150], fontsize=6, color="gray", va="bottom")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt().close(fig)
     return Path(path)

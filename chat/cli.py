@@ -14,9 +14,14 @@ import time
 import tq_mlx
 
 from .commands import HELP, parse, read_message
+from .sampling import Sampling
 from .session import POLICIES, ContextFull, Session, SessionFileError
 
 HISTORY_FILE = "chat_history"
+HISTORY_NOTE = (
+    "the lines you type are kept in $TQ_MLX_CACHE/chat_history (~/.cache/tq_mlx/chat_history by "
+    "default) for up-arrow recall; --no-history turns that off."
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tq-chat",
         description="Chat with an LLM on a TurboQuant-compressed KV cache (one persistent cache: "
         "each turn prefills only its new tokens).",
-        epilog=HELP + "\n\nKV presets: " + ", ".join(tq_mlx.PRESETS) + ", or kXvY (X, Y in 1..8).",
+        epilog=HELP
+        + "\n\nKV presets: auto (the default: k4v4 on Apple GPUs, k4v4-fast on a CPU), "
+        + ", ".join(tq_mlx.PRESETS)
+        + ", or kXvY (X, Y in 1..8).\n\nBase models (not instruction-tuned, such as the bundled "
+        "gemma3-270m) run in completion mode: your text is continued, not answered.\n"
+        f"Input history: {HISTORY_NOTE}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
@@ -78,6 +88,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--temp", type=float, default=0.0, metavar="T", help="sampling temperature (default: 0, greedy)")
     p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling top-p (default: 1.0)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="sample among the K likeliest (default: 0, off)")
+    p.add_argument(
+        "--min-p",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="drop tokens below P x the top probability (default: 0, off)",
+    )
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=None,
+        metavar="R",
+        help="penalise recently generated tokens (e.g. 1.1; default: off)",
+    )
+    p.add_argument(
+        "--repetition-context-size",
+        type=int,
+        default=20,
+        metavar="N",
+        help="tokens the repetition penalty looks back on (default: 20)",
+    )
     p.add_argument(
         "--seed",
         type=int,
@@ -87,11 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
         "repeats exactly (also after /save and /load)",
     )
     p.add_argument("--system-prompt", default=None, metavar="TEXT", help="system prompt (default: the chat template's)")
+    p.add_argument("--no-history", action="store_true", help="do not read or write the input history file")
     return p
 
 
 def setup_history():
-    """Readline editing and history in $TQ_MLX_CACHE/chat_history (~/.cache/tq_mlx by default)."""
+    """Readline editing and history: """ + HISTORY_NOTE
     try:
         import readline
     except ImportError:
@@ -116,22 +149,38 @@ def setup_history():
     return path
 
 
+def _mib(b) -> str:
+    return f"{b / 2**20:.2f} MiB"
+
+
+def kv_summary(session: Session) -> str:
+    """KV bytes held and how they compare with an fp16 cache of the same tokens."""
+    s = session.stats()
+    if not s["tokens"]:
+        return "KV cache empty"
+    if s["ratio"] is None:
+        return f"KV {_mib(s['kv_bytes'])}, uncompressed: tokens stay exact until the cache holds {s['quant_start']}"
+    return f"KV {_mib(s['kv_bytes'])}, {s['ratio']:.2f}x smaller than fp16 ({_mib(s['fp16_bytes'])})"
+
+
+def speed_line(session: Session) -> str:
+    """One line after an answer, as mlx_lm.generate prints its speeds."""
+    t = session.last
+    return (
+        f"[prompt: {t.prefill_tokens} tokens, {t.prefill_tps:.1f} tok/s | generation: {t.decode_tokens} "
+        f"tokens, {t.decode_tps:.1f} tok/s | first token {t.ttft:.2f} s | {kv_summary(session)}]"
+    )
+
+
 def print_stats(session: Session, out=sys.stdout):
     s, last = session.stats(), session.last
-    print(f"tokens in context: {s['tokens']} (limit {s['max_context']})", file=out)
-    print(
-        f"KV cache ({s['kv']}): {s['kv_bytes']} bytes held; fp16 would hold {s['fp16_bytes']} bytes "
-        f"(compression {s['ratio']:.2f}x)",
-        file=out,
-    )
+    print(f"tokens in context: {s['tokens']} (limit {s['max_context']}); KV preset {s['kv']}", file=out)
+    print(kv_summary(session), file=out)
     if last.finish:
-        decode = f"{last.decode_tps:.1f} tok/s" if last.decode_tokens > 1 else "n/a"
         print(
-            f"last turn: prefill {last.prefill_tokens} tokens at {last.prefill_tps:.1f} tok/s, "
-            f"decode {last.decode_tokens} tokens at {decode} ({last.finish})",
+            f"last turn: {speed_line(session)[1:-1]} ({last.finish}); peak memory {last.peak_memory / 1e9:.3f} GB",
             file=out,
         )
-    print(f"peak memory: {s['peak_memory'] / 1e9:.3f} GB", file=out)
 
 
 def answer(session: Session, text: str, out=sys.stdout):
@@ -167,6 +216,8 @@ def answer(session: Session, text: str, out=sys.stdout):
         print("[interrupted]", file=out)
     elif session.last.finish == "length":
         print(f"[stopped at --max-tokens {session.max_tokens}]", file=out)
+    if session.last.decode_tokens:
+        print(speed_line(session), file=out)
 
 
 def run_command(session: Session, cmd, out=sys.stdout) -> bool:
@@ -204,7 +255,7 @@ def run_command(session: Session, cmd, out=sys.stdout) -> bool:
     elif name == "save":
         try:
             path = session.save(arg)
-        except OSError as e:
+        except SessionFileError as e:
             print(f"cannot save: {e}", file=out)
         else:
             print(f"[saved {len(session.messages)} messages, {session.n_tokens} tokens to {path}]", file=out)
@@ -225,25 +276,29 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         tq_mlx.resolve_config(args.kv)
+        sampling = Sampling(
+            args.temp, args.top_p, args.top_k, args.min_p, args.repetition_penalty, args.repetition_context_size
+        )
     except ValueError as e:
         parser.error(str(e))
     if args.max_tokens < 1:
         parser.error("--max-tokens must be at least 1")
-    from tq_mlx.models import DEFAULT_MODEL, load
+    from tq_mlx.models import DEFAULT_MODEL, bundled, load
 
     name = args.model or DEFAULT_MODEL
     print(f"Loading {name} ...", flush=True)
     tic = time.perf_counter()
     try:
         model, tokenizer = load(args.model)
+        completion = None if name not in bundled.INSTRUCTION_TUNED else not bundled.INSTRUCTION_TUNED[name]
         session = Session(
             model,
             tokenizer,
             args.kv,
             system_prompt=args.system_prompt,
             max_tokens=args.max_tokens,
-            temp=args.temp,
-            top_p=args.top_p,
+            sampling=sampling,
+            completion=completion,
             seed=args.seed,
             max_context=args.max_context,
             max_kv_size=args.max_kv_size,
@@ -255,12 +310,20 @@ def main(argv=None) -> int:
     except (OSError, ValueError, NotImplementedError) as e:
         print(f"tq-chat: {e}", file=sys.stderr)
         return 1
+    where = f" from {bundled.describe(name)}" if name in bundled.BUNDLED else ""
     print(
-        f"Loaded {name} in {time.perf_counter() - tic:.1f}s; KV cache {session.config.name}, "
+        f"Loaded {name}{where} in {time.perf_counter() - tic:.1f}s; KV cache {session.config.name}, "
         f"context {session.max_context} tokens. /help for commands, Ctrl-D to quit.",
         flush=True,
     )
-    setup_history()
+    if session.completion:
+        print(
+            f"Note: {name} is a base model (not instruction-tuned, or no chat template): completion mode, "
+            "your text is continued, not answered.",
+            flush=True,
+        )
+    if not args.no_history:
+        setup_history()
     while True:
         try:
             cmd = parse(read_message(input))

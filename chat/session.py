@@ -13,6 +13,8 @@ text becomes the assistant message, so the next turn continues consistently.
 """
 
 import json
+import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +22,10 @@ from pathlib import Path
 import mlx.core as mx
 from mlx_lm import stream_generate
 from mlx_lm.models.cache import can_trim_prompt_cache, save_prompt_cache, trim_prompt_cache
-from mlx_lm.sample_utils import make_sampler
 
 import tq_mlx
+
+from .sampling import Sampling
 
 SESSION_VERSION = 1
 POLICIES = ("stop", "drop-oldest")
@@ -51,6 +54,8 @@ class TurnStats:
     prefill_tps: float = 0.0
     decode_tokens: int = 0
     decode_tps: float = 0.0
+    ttft: float = 0.0  # seconds from the turn's start to its first token
+    peak_memory: int = 0  # bytes, during this turn
     finish: str = ""  # "stop", "length" or "interrupted"
     dropped_turns: int = 0
 
@@ -92,6 +97,18 @@ def read_meta(path) -> dict:
     return json.loads(next(v for k, v in raw.items() if k.split(".")[-1] == "tq_chat"))
 
 
+def has_chat_template(tokenizer) -> bool:
+    """True when the tokenizer renders chat messages (an instruction-tuned model)."""
+    return bool(getattr(tokenizer, "chat_template", None) or getattr(tokenizer, "has_chat_template", False))
+
+
+def _reason(e: Exception) -> str:
+    """A one-line reason for a file error (MLX's own messages name the file; OSError's the cause)."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 def _offset(cache) -> int | None:
     return next((c.offset for c in cache if hasattr(c, "offset")), None)
 
@@ -107,8 +124,8 @@ class Session:
         *,
         system_prompt=None,
         max_tokens=256,
-        temp=0.0,
-        top_p=1.0,
+        sampling=None,
+        completion=None,
         seed=None,
         max_context=None,
         max_kv_size=None,
@@ -125,14 +142,11 @@ class Session:
         self.overrides = {
             k: v for k, v in (("fp_window", kv_window), ("boundary_layers", kv_boundary_layers)) if v is not None
         }
-        self.config = tq_mlx.resolve_config(kv, **self.overrides)
-        self.max_kv_size, self.max_tokens, self.temp, self.top_p, self.seed = (
-            max_kv_size,
-            max_tokens,
-            temp,
-            top_p,
-            seed,
-        )
+        self.config = tq_mlx.model_config(model, kv, **self.overrides)
+        self.max_kv_size, self.max_tokens, self.seed = max_kv_size, max_tokens, seed
+        self.sampling = sampling or Sampling()
+        # completion mode: no chat template (a base model): the conversation is plain text, continued
+        self.completion = not has_chat_template(tokenizer) if completion is None else completion
         ctx = getattr(getattr(model, "args", None), "max_position_embeddings", None)
         self.max_context = max_context or ctx or 8192
         self.on_context_full = on_context_full
@@ -160,6 +174,8 @@ class Session:
     def render(self, messages, generation_prompt: bool) -> str:
         if not messages:
             return ""
+        if self.completion:
+            return "".join(m["content"] for m in messages)
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
 
     def _encode(self, text: str, first: bool) -> list[int]:
@@ -248,12 +264,15 @@ class Session:
             mx.random.seed(self.seed + self.turns)
         self.turns += 1
         self.last = stats = TurnStats(prefill_tokens=len(plan.ids), dropped_turns=plan.dropped_turns)
+        mx.reset_peak_memory()
+        start = time.perf_counter()
         responses = stream_generate(
             self.model,
             self.tokenizer,
             mx.array(plan.ids),
             max_tokens=self.max_tokens,
-            sampler=make_sampler(self.temp, self.top_p),
+            sampler=self.sampling.sampler(),
+            logits_processors=self.sampling.processors(),
             prompt_cache=self.cache,
         )
         tokens, boundary = [], True  # boundary: not inside a model call, the cache holds whole tokens
@@ -265,7 +284,10 @@ class Session:
                 if r is None:
                     break
                 tokens.append(r.token)  # each response is one token, already in the cache
+                if len(tokens) == 1:
+                    stats.ttft = time.perf_counter() - start
                 stats.prefill_tps, stats.decode_tps = r.prompt_tps, r.generation_tps
+                stats.peak_memory = mx.get_peak_memory()
                 stats.finish = r.finish_reason or "interrupted"
                 if r.text:
                     yield r.text
@@ -307,22 +329,26 @@ class Session:
 
     def set_kv(self, kv):
         """Switch the KV preset ("k3v4", a preset name, ...) and re-encode the conversation."""
-        self.config = tq_mlx.resolve_config(kv, **self.overrides)
+        self.config = tq_mlx.model_config(self.model, kv, **self.overrides)
         self.cache, self.segments = self._new_cache(), []
         self.sync()
 
     def stats(self) -> dict:
+        """tokens; kv_bytes held; fp16_bytes an fp16 cache of the same tokens would hold; ratio of the two,
+        None while nothing is compressed yet (every layer still in its exact phase, or empty)."""
         kv = sum(c.nbytes for c in self.cache)
         fp16 = sum(fp16_bytes(c) for c in self.cache)
+        compressed = any(getattr(c, "calibrated", False) for c in self.cache)
+        starts = [c.config.quant_start for c in self.cache if isinstance(c, tq_mlx.TurboQuantKVCache)]
         return {
             "tokens": self.n_tokens,
             "max_context": self.max_context,
             "kv": self.config.name,
             "kv_bytes": kv,
             "fp16_bytes": fp16,
-            "ratio": fp16 / kv if kv else 0.0,
+            "ratio": fp16 / kv if compressed and kv else None,
+            "quant_start": max(starts, default=0),
             "last": self.last,
-            "peak_memory": mx.get_peak_memory(),
         }
 
     # ---- files --------------------------------------------------------------
@@ -345,7 +371,13 @@ class Session:
         path = Path(path).expanduser()
         if path.suffix != ".safetensors":
             path = path.with_name(path.name + ".safetensors")
-        save_prompt_cache(str(path), self.cache, {"tq_chat": json.dumps(self._meta())})
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.safetensors")
+        try:  # a failed write (missing folder, read-only, full disk) leaves no half file behind
+            save_prompt_cache(str(tmp), self.cache, {"tq_chat": json.dumps(self._meta())})
+            os.replace(tmp, path)
+        except (OSError, RuntimeError, ValueError) as e:
+            tmp.unlink(missing_ok=True)
+            raise SessionFileError(f"cannot write {path}: {_reason(e)}") from None
         return path
 
     def load(self, path) -> Path:
@@ -358,8 +390,10 @@ class Session:
             raise SessionFileError(f"{path}: no such file")
         try:
             meta = read_meta(path)
+        except OSError as e:
+            raise SessionFileError(f"cannot read {path}: {_reason(e)}") from None
         except Exception:
-            raise SessionFileError(f"{path}: not a tq-chat session file") from None
+            raise SessionFileError(f"{path}: not a tq-chat session file (or a corrupt one)") from None
         if meta.get("version") != SESSION_VERSION:
             raise SessionFileError(f"{path}: session file version {meta.get('version')} is not supported")
         if meta["fingerprint"] != fingerprint(self.model):

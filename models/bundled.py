@@ -78,6 +78,8 @@ def gemma3_path() -> Path:
     return target
 
 
+INSTRUCTION_TUNED = {"smollm2-135m": True, "gemma3-270m": False}  # gemma3-270m is the base (pretrained) model
+
 BUNDLED: dict[str, Callable[[], Path]] = {
     "smollm2-135m": smollm2_path,
     "gemma3-270m": gemma3_path,
@@ -89,3 +91,9 @@ def bundled_path(alias: str = DEFAULT_MODEL) -> Path:
     if alias not in BUNDLED:
         raise KeyError(f"Unknown bundled model '{alias}'; known: {sorted(BUNDLED)}")
     return BUNDLED[alias]()
+
+
+def describe(alias: str) -> str:
+    """Where a bundled model's file is and how big it is, e.g. for a start-up line."""
+    path = bundled_path(alias)
+    return f"{path} ({path.stat().st_size / 1e6:.0f} MB)"

@@ -216,32 +216,45 @@ def test_niah_rejects_needle_in_filler(tmp_path):
         niah.filler(Tok(), str(p), 10)
 
 
-def test_kernel_bench_fills_contexts_beyond_one_chunk(tmp_path):
-    """bench/kernels.py encodes long contexts in 4096-token chunks, with attention after each."""
+def test_kernel_bench_fills_contexts_beyond_one_chunk():
+    """The timed cache is filled in 4096-token chunks, with attention after each (no pending update)."""
     from tq_mlx.bench import kernels
 
-    out = tmp_path / "k.json"
+    ms = kernels.measure(4160, "k4v4", 2, 1, 64, repeats=1)
+    assert set(ms) == {"fp16", "affine4", "affine8", "k4v4"} and all(v > 0 for v in ms.values())
+
+
+@pytest.mark.emu
+def test_mac_check_runs_on_the_emulator_and_says_timings_need_a_mac(tmp_path, capsys):
+    assert cli.main(["mac-check", "--dims", "64", "--out", str(tmp_path), "--no-progress"]) == 0
+    entries = _load(tmp_path, "mac-check")
+    assert len(entries) == 4 and all(r["ok"] for r in entries.values()), entries
+    assert {r["G"] for r in entries.values()} >= {1, 4, 7} and any(r["tiny"] for r in entries.values())
+    md = (tmp_path / "mac-check.md").read_text()
+    assert "4 of 4 instantiations agree" in md and "Timings need a Mac" in md
+    assert (tmp_path / "mac-check.png").stat().st_size > 0
+
+
+def test_kernel_bench_counts_launches_and_labels_the_model(tmp_path):
+    from tq_mlx.bench import kernels
+
     kernels.main(
         [
-            "--min-context",
-            "4160",
-            "--max-context",
-            "4160",
+            "--contexts",
+            "1k,32k",
             "--presets",
             "k4v4",
-            "--affine",
             "--q-heads",
-            "2",
+            "4",
             "--kv-heads",
-            "1",
-            "--head-dim",
-            "64",
-            "--repeats",
-            "1",
+            "2",
             "--out",
-            str(out),
-            "--no-png",
+            str(tmp_path),
+            "--tag",
+            "k",
         ]
     )
-    rows = json.loads(out.read_text())["results"]
-    assert {r["method"] for r in rows} == {"fp16", "tq-k4v4"} and all(r["context"] == 4160 for r in rows)
+    rows = list(json.loads((tmp_path / "k.json").read_text())["entries"].values())
+    tq = [r for r in rows if r["method"] == "k4v4"]
+    assert all(r["extra_launches"] <= 8 and r["bytes_vs_fp16"] > 3.5 for r in tq)
+    assert "Modelled, not measured" in (tmp_path / "k.md").read_text()

@@ -12,6 +12,12 @@ from tq_mlx import CacheStateError, TurboQuantKVCache
 from tq_mlx.patch import tq_scaled_dot_product_attention as sdpa
 
 
+def _tq(preset, **kw):
+    """A TurboQuantKVCache that compresses from the first attention call (these tests look at the codes)."""
+    max_size, keep = kw.pop("max_size", None), kw.pop("keep", 0)
+    return TurboQuantKVCache(tq_mlx.resolve_config(preset, quant_start=0, **kw), max_size=max_size, keep=keep)
+
+
 def _kv(h, t, d, seed=0, dv=None):
     k1, k2 = mx.random.split(mx.random.key(seed))
     return mx.random.normal((1, h, t, d), key=k1), mx.random.normal((1, h, t, dv or d), key=k2)
@@ -38,7 +44,7 @@ def _dequantized(cache):
 @pytest.mark.parametrize("gqa", [1, 3, 7])
 def test_decode_matches_dequantize_then_sdpa(d, gqa):
     h, t = 2, 37
-    cache = TurboQuantKVCache("k4v3")
+    cache = _tq("k4v3")
     k, v = _kv(h, t, d)
     _fill(cache, k, v)
     q = mx.random.normal((1, h * gqa, 1, d), key=mx.random.key(5))
@@ -51,7 +57,7 @@ def test_decode_matches_dequantize_then_sdpa(d, gqa):
 @pytest.mark.parametrize("preset", ["k8v4", "2.5", "k4v4-qjl", "k4v3-fast", "fp16"])
 def test_prefill_chunk_with_causal_mask_matches_dequantized(preset):
     d, h, g = 64, 3, 3
-    cache = TurboQuantKVCache(preset)
+    cache = _tq(preset)
     k, v = _kv(h, 45, d)
     _fill(cache, k[:, :, :29], v[:, :, :29])
     cache.update_and_fetch(k[:, :, 29:], v[:, :, 29:])  # a 16-token chunk after 29 stored tokens
@@ -64,7 +70,7 @@ def test_prefill_chunk_with_causal_mask_matches_dequantized(preset):
 
 def test_high_bits_close_to_exact_attention():
     d, h = 128, 2
-    cache = TurboQuantKVCache("k8v8")
+    cache = _tq("k8v8")
     k, v = _kv(h, 100, d)
     _fill(cache, k, v)
     q = mx.random.normal((1, h * 4, 1, d))
@@ -75,7 +81,7 @@ def test_high_bits_close_to_exact_attention():
 
 def test_attention_sinks_join_the_softmax():
     d, h = 64, 2
-    cache = TurboQuantKVCache("fp16")
+    cache = _tq("fp16")
     k, v = _kv(h, 20, d)
     _fill(cache, k, v)
     q = mx.random.normal((1, 4, 1, d))
@@ -94,7 +100,7 @@ def test_attention_sinks_join_the_softmax():
 
 def test_sliding_window_fp16_matches_mlx_rotating_cache():
     d, h, window = 64, 1, 16
-    ours, theirs = TurboQuantKVCache("fp16", max_size=window, keep=0), RotatingKVCache(window)
+    ours, theirs = _tq("fp16", max_size=window, keep=0), RotatingKVCache(window)
     k, v = _kv(h, 40, d)
     k, v = k.astype(mx.float16).astype(mx.float32), v.astype(mx.float16).astype(mx.float32)
     pos = 0
@@ -112,12 +118,12 @@ def test_sliding_window_fp16_matches_mlx_rotating_cache():
 
 
 def test_trim_forgets_the_newest_tokens():
-    cache = TurboQuantKVCache("k4v4")
+    cache = _tq("k4v4")
     k, v = _kv(2, 30, 64)
     _fill(cache, k, v)
     assert cache.is_trimmable() and cache.trim(7) == 7
     assert cache.offset == 23 and cache.size() == 23
-    fresh = TurboQuantKVCache("k4v4")
+    fresh = _tq("k4v4")
     _fill(fresh, k[:, :, :23], v[:, :, :23], chunks=(18 / 23,))  # same first chunk of 18 tokens
     q = mx.random.normal((1, 2, 1, 64))
     np.testing.assert_array_equal(
@@ -126,7 +132,7 @@ def test_trim_forgets_the_newest_tokens():
 
 
 def test_state_round_trip_restores_identical_attention():
-    cache = TurboQuantKVCache("2.5", layer=3)
+    cache = _tq("2.5")
     k, v = _kv(2, 40, 128)
     _fill(cache, k, v)
     clone = TurboQuantKVCache.from_state(cache.state)
@@ -138,7 +144,7 @@ def test_state_round_trip_restores_identical_attention():
 
 
 def test_deepcopy_is_independent():
-    cache = TurboQuantKVCache("k4v4")
+    cache = _tq("k4v4")
     k, v = _kv(1, 20, 64)
     _fill(cache, k, v)
     twin = copy.deepcopy(cache)
@@ -149,7 +155,7 @@ def test_deepcopy_is_independent():
 
 def test_nbytes_counts_codes_not_fp():
     d, h, t = 128, 4, 1024
-    cache = TurboQuantKVCache(tq_mlx.resolve_config("k4v4", fp_sink=0))
+    cache = _tq("k4v4", fp_sink=0)
     k, v = _kv(h, t, d)
     _fill(cache, k, v)
     fp16_bytes = 2 * h * t * d * 2
@@ -161,23 +167,23 @@ def test_nbytes_counts_codes_not_fp():
 
 
 def test_no_bits_attribute_routes_mlx_lm_to_affine_path():
-    assert not hasattr(TurboQuantKVCache("k4v4"), "bits")
+    assert not hasattr(_tq("k4v4"), "bits")
 
 
 def test_unknown_preset_lists_the_presets():
     with pytest.raises(ValueError, match="k4v4.*hqmq-s96r4"):
-        TurboQuantKVCache("k5v9x")
+        _tq("k5v9x")
 
 
 def test_unsupported_head_dim_is_a_clear_error():
-    cache = TurboQuantKVCache("k4v4")
+    cache = _tq("k4v4")
     k, v = _kv(1, 4, 8)
     with pytest.raises(ValueError, match="d=8 is unsupported"):
         _fill(cache, k, v)
 
 
 def test_nan_keys_are_rejected_and_nothing_is_stored():
-    cache = TurboQuantKVCache("k4v4")
+    cache = _tq("k4v4")
     k, v = _kv(1, 4, 64)
     k[0, 0, 2, 5] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
@@ -186,7 +192,7 @@ def test_nan_keys_are_rejected_and_nothing_is_stored():
 
 
 def test_corrupt_state_is_a_clear_error():
-    cache = TurboQuantKVCache("k4v4")
+    cache = _tq("k4v4")
     k, v = _kv(1, 10, 64)
     _fill(cache, k, v)
     st = cache.state
@@ -198,7 +204,7 @@ def test_corrupt_state_is_a_clear_error():
 
 
 def test_model_that_bypasses_the_helper_is_caught():
-    cache = TurboQuantKVCache("k4v4")
+    cache = _tq("k4v4")
     k, v = _kv(1, 4, 64)
     cache.update_and_fetch(k, v)  # no attention through tq_mlx follows
     with pytest.raises(RuntimeError, match="bypasses"):
@@ -216,7 +222,7 @@ def test_mlx_lm_affine_cache_still_uses_the_original_path():
 
 def test_full_query_whitening_keeps_attention_exact():
     cfg = tq_mlx.CacheConfig(keys=tq_mlx.CodecSpec(bits=4, query_weighting="full"), values=tq_mlx.CodecSpec(bits=4))
-    cache = TurboQuantKVCache(cfg)
+    cache = TurboQuantKVCache(tq_mlx.resolve_config(cfg, quant_start=0))
     k, v = _kv(2, 50, 64)
     cache.update_and_fetch(k, v)
     q = mx.random.normal((1, 6, 50, 64), key=mx.random.key(1))
@@ -228,14 +234,14 @@ def test_full_query_whitening_keeps_attention_exact():
 
 
 def test_uniform_grid_needs_sizes_divisible_by_32():
-    cache = TurboQuantKVCache("k4v4-fast")
+    cache = _tq("k4v4-fast")
     k, v = _kv(1, 4, 80)
     with pytest.raises(ValueError, match="divisible by 32"):
         _fill(cache, k, v)
 
 
 def test_uniform_grid_stores_mlx_affine_codes():
-    cache = TurboQuantKVCache(tq_mlx.resolve_config("k4v4-fast", fp_sink=0))
+    cache = _tq("k4v4-fast", fp_sink=0)
     k, v = _kv(2, 64, 128)
     _fill(cache, k, v)
     view = cache.codes.view()
@@ -279,7 +285,7 @@ def test_a_cache_made_for_one_model_refuses_another():
 def test_a_corrupt_cache_file_is_reported_at_load(tmp_path):
     from mlx_lm.models.cache import save_prompt_cache
 
-    cache = TurboQuantKVCache("k4v4")
+    cache = _tq("k4v4")
     k, v = _kv(1, 10, 64)
     _fill(cache, k, v)
     path = str(tmp_path / "c.safetensors")

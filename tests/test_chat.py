@@ -4,6 +4,7 @@ import pytest
 
 import tq_mlx
 from tq_mlx.chat.commands import CONTINUE, PROMPT, Command, parse, read_message
+from tq_mlx.chat.sampling import Sampling
 
 Q1, Q2, Q3 = "What is the capital of France?", "And of Germany?", "And of Italy?"
 MAX_TOKENS = 6
@@ -225,7 +226,7 @@ def test_interrupted_answer_is_kept_in_messages_and_cache(convo, lm, session_cls
 def test_seed_makes_sampled_answers_repeatable(convo, lm, session_cls):
     answers = []
     for _ in range(2):
-        s = session_cls(*lm, max_tokens=3, temp=1.5, seed=3)
+        s = session_cls(*lm, max_tokens=3, sampling=Sampling(temp=1.5), seed=3)
         s.load(convo[1]["file"])
         answers.append("".join(s.ask(Q2)))
     assert answers[0] == answers[1]
@@ -236,7 +237,7 @@ def test_session_file_records_messages_and_settings(convo):
     from tq_mlx.chat.session import read_meta
 
     saved = read_meta(convo[1]["file"])
-    assert saved["kv"] == "k4v4" and saved["messages"][0]["content"] == Q1
+    assert saved["kv"] == tq_mlx.config.auto_preset() and saved["messages"][0]["content"] == Q1
     assert sum(n for _, n in saved["segments"]) == convo[1]["offset1"]
 
 
@@ -245,3 +246,84 @@ def test_max_kv_size_makes_every_layer_a_sliding_window(lm, session_cls):
     s = session_cls(*lm, max_kv_size=32, kv_boundary_layers=1)
     assert [type(c).__name__ for c in s.cache[:2]] == ["RotatingKVCache", "TurboQuantKVCache"]
     assert all(c.max_size == 32 and c.keep == 4 for c in s.cache)
+
+
+def test_a_full_disk_on_save_is_a_clear_error_and_leaves_no_file(convo, lm, session_cls, tmp_path, monkeypatch):
+    import errno
+
+    import tq_mlx.chat.session as session_mod
+
+    s = session_cls(*lm, max_tokens=MAX_TOKENS)
+    "".join(s.ask(Q1))
+
+    def full(path, *a, **kw):
+        open(path, "wb").write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(session_mod, "save_prompt_cache", full)
+    with pytest.raises(session_mod.SessionFileError, match="cannot write .*No space left on device"):
+        s.save(tmp_path / "s")
+    assert not list(tmp_path.iterdir()) and len(s.messages) == 2
+
+
+def test_stats_say_when_nothing_is_compressed_yet(lm, session_cls):
+    s = session_cls(*lm, max_tokens=4)
+    assert s.stats()["ratio"] is None and s.stats()["tokens"] == 0
+    "".join(s.ask(Q1))
+    st = s.stats()
+    assert st["ratio"] is None and st["quant_start"] == 256  # a short chat stays exact
+    s.reset()
+    assert s.stats()["tokens"] == 0 and s.stats()["ratio"] is None
+
+
+def test_stats_ratio_compares_with_an_fp16_cache_of_the_same_tokens(lm, session_cls):
+    s = session_cls(*lm, "k4v4", max_tokens=2, kv_window=0)
+    s.config = tq_mlx.resolve_config(s.config, quant_start=0)
+    s.cache = s._new_cache()
+    "".join(s.ask(Q1))
+    st = s.stats()
+    assert st["ratio"] == pytest.approx(st["fp16_bytes"] / st["kv_bytes"]) and st["ratio"] > 1
+
+
+def test_sampling_flags_reach_mlx_lm_samplers():
+    from tq_mlx.chat.sampling import Sampling
+
+    s = Sampling(temp=0.7, top_k=5, min_p=0.05, repetition_penalty=1.2)
+    assert callable(s.sampler()) and len(s.processors()) == 1
+    assert Sampling().processors() == []
+    for bad in ({"top_p": 0}, {"top_k": -1}, {"min_p": 1.0}, {"repetition_penalty": 0}):
+        with pytest.raises(ValueError):
+            Sampling(**bad)
+
+
+def test_a_repetition_penalty_changes_a_looping_answer(lm, session_cls):
+    from tq_mlx.chat.sampling import Sampling
+
+    plain = session_cls(*lm, max_tokens=40)
+    penalised = session_cls(*lm, max_tokens=40, sampling=Sampling(repetition_penalty=1.5))
+    q = "Repeat the word hello many times."
+    assert "".join(plain.ask(q)) != "".join(penalised.ask(q))
+
+
+def test_a_base_model_runs_in_completion_mode(lm, session_cls):
+    s = session_cls(*lm, max_tokens=4, completion=True)
+    out = "".join(s.ask("The capital of France is"))
+    assert s.messages[-1]["content"].strip() == out.strip()
+    assert s.render(s.conversation(), True) == "The capital of France is" + s.messages[-1]["content"]
+    assert "<|im_start|>" not in s.tokenizer.decode(s.tokenizer.encode(s.segments[0][0]))
+
+
+def test_help_documents_history_base_models_and_sampling(capsys):
+    from tq_mlx.chat.cli import build_parser
+
+    text = build_parser().format_help()
+    for needle in (
+        "--no-history",
+        "chat_history",
+        "completion mode",
+        "--top-k",
+        "--min-p",
+        "--repetition-penalty",
+        "auto",
+    ):
+        assert needle in text

@@ -59,6 +59,11 @@ def ask(child, text) -> str:
     return child.before.strip()
 
 
+def without_speed(output: str) -> str:
+    """The answer without the speed line (its timings differ from run to run)."""
+    return "\n".join(line for line in output.splitlines() if not line.startswith("[prompt:"))
+
+
 def quit_(child):
     child.sendline("/quit")
     child.expect(pexpect.EOF)
@@ -74,7 +79,11 @@ def test_streams_an_answer_with_the_default_model(tmp_path):
     child.expect(PROMPT)
     answer = (child.after + child.before).strip()
     assert "Paris" in child.before
-    assert answer
+    assert re.search(
+        r"\[prompt: \d+ tokens, [\d.]+ tok/s \| generation: \d+ tokens, [\d.]+ tok/s \| first token "
+        r"[\d.]+ s \| KV [\d.]+ MiB",
+        answer,
+    ), answer
     quit_(child)
 
 
@@ -84,11 +93,9 @@ def test_stats_figures_match_the_cache(tmp_path):
     stats = ask(child, "/stats")
     quit_(child)
     tokens = int(re.search(r"tokens in context: (\d+)", stats).group(1))
-    kv, fp16 = map(int, re.search(r"KV cache \(k4v4\): (\d+) bytes held; fp16 would hold (\d+) bytes", stats).groups())
-    prefill, decode = map(
-        int, re.search(r"prefill (\d+) tokens at [\d.]+ tok/s, decode (\d+) tokens at", stats).groups()
-    )
-    assert re.search(r"peak memory: \d+\.\d+ GB", stats)
+    kv = re.search(r"KV ([\d.]+) MiB, uncompressed: tokens stay exact until the cache holds 256", stats).group(1)
+    prefill, decode = map(int, re.search(r"prompt: (\d+) tokens.*generation: (\d+) tokens", stats).groups())
+    assert re.search(r"peak memory \d+\.\d+ GB", stats)
 
     from tq_mlx.chat.session import Session
     from tq_mlx.models import load
@@ -96,10 +103,8 @@ def test_stats_figures_match_the_cache(tmp_path):
     s = Session(*load(), max_tokens=6)
     assert "".join(s.ask(Q1)).strip() == answer.splitlines()[0].strip()
     ref = s.stats()
-    assert (tokens, kv, fp16) == (ref["tokens"], ref["kv_bytes"], ref["fp16_bytes"])
-    assert kv == sum(c.nbytes for c in s.cache)
-    layers, heads, d = len(s.cache), s.cache[1].shape[1], s.cache[1].shape[2]
-    assert fp16 == layers * 2 * heads * tokens * d * 2
+    assert tokens == ref["tokens"] and kv == f"{ref['kv_bytes'] / 2**20:.2f}"
+    assert ref["kv_bytes"] == sum(c.nbytes for c in s.cache)
     assert prefill + decode == tokens
 
 
@@ -115,7 +120,7 @@ def test_save_restart_load_continues_identically(tmp_path):
     assert "loaded 2 messages" in ask(child, "/load session")
     resumed = ask(child, Q2)
     quit_(child)
-    assert resumed and resumed == uninterrupted
+    assert resumed and without_speed(resumed) == without_speed(uninterrupted)
 
 
 def test_ctrl_c_stops_an_answer_and_the_next_question_works(tmp_path):
@@ -127,7 +132,7 @@ def test_ctrl_c_stops_an_answer_and_the_next_question_works(tmp_path):
     child.expect_exact("[interrupted]", timeout=30)
     child.expect(PROMPT)
     child.sendline("/stats")
-    child.expect(r"decode (\d+) tokens")
+    child.expect(r"generation: (\d+) tokens")
     assert int(child.match.group(1)) < 400
     child.expect(PROMPT)
     answer = ask(child, Q1)
@@ -142,3 +147,23 @@ def test_ctrl_d_exits_cleanly(tmp_path):
     child.close()
     assert child.exitstatus == 0 and child.signalstatus is None
     assert "Traceback" not in child.before
+
+
+def test_save_and_load_failures_print_one_line_and_the_chat_goes_on(tmp_path):
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    child = spawn(tmp_path, "--max-tokens", "8")
+    ask(child, Q1)
+    before = re.search(r"tokens in context: \d+", ask(child, "/stats")).group(0)
+    for command, expect in [
+        (f"/save {tmp_path}/no/such/folder/s", "cannot save: cannot write"),
+        ("/save /proc/s", "cannot save: cannot write"),  # a read-only file system, even for root
+        (f"/load {corrupt}", "cannot load"),
+        (f"/load {tmp_path}/missing", "cannot load"),
+    ]:
+        out = ask(child, command)
+        assert out.startswith(expect) and len(out.splitlines()) == 1 and "Traceback" not in out, out
+    assert before in ask(child, "/stats")  # nothing lost
+    assert "saved" in ask(child, f"/save {tmp_path}/ok")  # and saving still works
+    quit_(child)
+    assert not list(tmp_path.glob("**/*.tmp.safetensors"))

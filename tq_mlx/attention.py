@@ -33,7 +33,7 @@ def unsupported_reason(cache, queries, mask):
     """None when the kernel path serves this call, else a short reason."""
     coded = [b for b in cache.blocks() if not b.is_fp]
     if not coded:
-        return None  # fp16 tokens only
+        return "no coded tokens yet"
     if len(coded) > 1:
         return f"{len(coded)} coded blocks"
     b = coded[0]

@@ -49,6 +49,9 @@ class Codec(Protocol):
     def decode(self, enc: dict) -> mx.array:
         """x~ (B, H, T, d) float32 in the original domain (tests and benchmarks)."""
 
+    def decode_stored(self, enc: dict) -> mx.array:
+        """x~ (B, H, T, d) float32 in the stored domain, centring mean included (prefill)."""
+
     def rotate_query(self, q: mx.array) -> mx.array:
         """Queries grouped per KV head, q (B, H, M, d), into the stored domain: float32."""
 

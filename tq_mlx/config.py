@@ -73,7 +73,8 @@ class CacheConfig:
     fp_sink: the first N tokens (attention sinks) stay in fp16; full-attention layers only.
         Default 1 (bench/RESULTS.md measures what it buys).
     boundary_layers: the first and last N layers keep mlx-lm's fp cache.
-    quant_start: keep every token in fp16 until the cache holds this many, then quantize.
+    quant_start: keep tokens as given (exact) until the cache holds this many, then calibrate the codecs on
+        exactly these first tokens and compress (0: compress from the first attention call).
     quantize_sliding: also compress sliding-window (RotatingKVCache) layers.
     rotation: "auto" (randomized Hadamard for power-of-two sizes, else Haar), "haar" or "hadamard".
     seed: the base seed; per (layer, head, K/V) seeds derive from it.
@@ -84,7 +85,7 @@ class CacheConfig:
     fp_window: int = 0
     fp_sink: int = 1
     boundary_layers: int = 0
-    quant_start: int = 0
+    quant_start: int = 256
     quantize_sliding: bool = True
     rotation: str = "auto"
     seed: int = 0
@@ -134,16 +135,30 @@ PRESETS = {
     "fp16": CacheConfig(keys=CodecSpec("fp16"), values=CodecSpec("fp16")),
 }
 PRESETS = {k: replace(v, name=k) for k, v in PRESETS.items()}
-DEFAULT_PRESET = "k4v4"
+DEFAULT_PRESET = "auto"
+
+
+def auto_preset(head_dims=()) -> str:
+    """What "auto", the default, means on this machine: k4v4 where the Metal kernels serve it; on the CPU
+    k4v4-fast (the same codes on MLX's quantized kernels) when every head dim suits its uniform grid
+    (a multiple of 32), else k4v4."""
+    from . import kernels
+
+    if kernels.enabled() or any(d % 32 for d in head_dims):
+        return "k4v4"
+    return "k4v4-fast"
+
+
 _KV_RE = re.compile(r"^k(\d(?:\.\d+)?)v(\d(?:\.\d+)?)$")
 
 
-def resolve_config(config=None, **overrides) -> CacheConfig:
-    """A CacheConfig from None (the default preset), a preset name, "kXvY", or a CacheConfig.
+def resolve_config(config=None, *, head_dims=(), **overrides) -> CacheConfig:
+    """A CacheConfig from None or "auto" (the default: `auto_preset(head_dims)`), a preset name, "kXvY",
+    or a CacheConfig.
 
     overrides replace fields; a preset they change is renamed ("k4v4+fp_window=64")."""
-    if config is None:
-        config = DEFAULT_PRESET
+    if config is None or config == "auto":
+        config = auto_preset(head_dims)
     unknown = sorted(set(overrides) - {f.name for f in fields(CacheConfig)} - {"name"})
     if unknown:
         raise TypeError(

@@ -22,6 +22,8 @@ class Float16Codec:
     def decode(self, enc: dict) -> mx.array:
         return enc[FP_KEY].astype(mx.float32)
 
+    decode_stored = decode
+
     def rotate_query(self, q):
         return q.astype(mx.float32)
 

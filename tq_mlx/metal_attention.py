@@ -5,9 +5,8 @@
   adds the centring means back, rotates the output back and normalises, all with the attention
   sinks: two launches, no host sync, no other op;
 - prefill (L > 1): the codes are dequantized into the stored (rotated) domain with tq_dequant
-  (float16; float32 for float32 models), the fp16 blocks are moved into the same domain with
-  `codec.to_stored`, and mx.fast.scaled_dot_product_attention runs on this layer's stored-domain
-  q/k/v.
+  (float16; float32 for float32 models) and `reference_attention.stored_domain_attention` runs
+  mx.fast.scaled_dot_product_attention on this layer's stored-domain q/k/v.
 `attention.unsupported_reason` says when this path applies.  Each kernel instantiation runs its
 first time under `kernels.guarded`: a failure falls back to the reference path (None here).
 """
@@ -16,7 +15,7 @@ import mlx.core as mx
 
 from . import kernels as K
 from .fp16_codec import FP_KEY
-from .partials import group_queries, ungroup
+from .reference_attention import stored_domain_attention, stored_dtype
 
 _PLACEHOLDERS = {}
 
@@ -89,14 +88,10 @@ def kernel_decode(cache, queries, scale, sinks=None):
 
 
 def kernel_prefill(cache, queries, scale, mask=None, sinks=None):
-    """L > 1: mx.fast.scaled_dot_product_attention on this layer's stored-domain q/k/v, or None.
-
-    float32 models (the CPU) get float32 stored-domain K/V; fp16/bf16 models float16."""
-    B, Hq, L, dk = queries.shape
-    H = cache.n_kv_heads
-    dtype = mx.float32 if queries.dtype == mx.float32 else mx.float16
-    blocks = cache.blocks()
-    ck, cv = next((b.k_codec, b.v_codec) for b in blocks if not b.is_fp)
+    """L > 1: the codes dequantized by tq_dequant, then attention in the stored domain; or None."""
+    dk = queries.shape[-1]
+    dtype = stored_dtype(queries)
+    ck, cv = cache.k_codec, cache.v_codec
     buf = cache.code_buffers()
 
     def dequant():
@@ -108,21 +103,4 @@ def kernel_prefill(cache, queries, scale, mask=None, sinks=None):
 
     key = ("dequant", dtype, buf.k["norm0"].dtype, dk, K.bits_of(ck.levels), K.bits_of(cv.levels))
     coded = K.guarded(key, dequant)
-    if coded is None:
-        return None
-    ks, vs = [], []  # temporal order, all in the stored domain
-    for b in blocks:
-        if b.is_fp:
-            ks.append(ck.to_stored(b.k[FP_KEY]).astype(dtype))
-            vs.append(cv.to_stored(b.v[FP_KEY]).astype(dtype))
-        else:
-            ks.append(coded[0])
-            vs.append(coded[1])
-    k = ks[0] if len(ks) == 1 else mx.concatenate(ks, axis=2)
-    v = vs[0] if len(vs) == 1 else mx.concatenate(vs, axis=2)
-    q = ck.rotate_query(group_queries(queries, H, 1.0)).reshape(B, Hq, L, dk).astype(dtype)
-    o = mx.fast.scaled_dot_product_attention(
-        q, k, v, scale=scale, mask=mask, sinks=None if sinks is None else sinks.astype(dtype)
-    )
-    o = cv.unrotate(o.astype(mx.float32).reshape(B, H, -1, v.shape[-1]))
-    return ungroup(o, Hq, queries.dtype)
+    return None if coded is None else stored_domain_attention(cache, queries, scale, mask, sinks, coded)

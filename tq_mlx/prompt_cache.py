@@ -59,15 +59,23 @@ def _bounded(c, max_kv_size):
     return c
 
 
+def model_config(model, config=None, **overrides):
+    """The CacheConfig make_prompt_cache uses for `model`: "auto" (the default) resolved for this machine and
+    the model's head dims (config.auto_preset)."""
+    base = mlx_cache.make_prompt_cache(model)
+    dims = [_layer_dims(model, i, len(base))[1] for i in range(len(base))]
+    return resolve_config(config, head_dims=[d for ds in dims if ds for d in ds], **overrides)
+
+
 def make_prompt_cache(model, config=None, max_kv_size=None, **overrides):
     """A cache list for `model`: TurboQuant layers where attention is plain KV or sliding-window.
 
-    config: preset name, "kXvY" or CacheConfig (default "k4v4"); overrides set CacheConfig fields
-    (fp_window, boundary_layers, quant_start, quantize_sliding, rotation, seed).
+    config: preset name, "kXvY" or CacheConfig; the default, "auto", is k4v4 on the Metal kernels and
+    k4v4-fast on the CPU (`config.auto_preset`); overrides set CacheConfig fields (fp_window, fp_sink,
+    boundary_layers, quant_start, quantize_sliding, rotation, seed).
     max_kv_size: a sliding window of that many tokens (keep=4, as mlx-lm) for every full-attention
         layer, compressed or not, also for models with their own make_cache (where mlx-lm ignores it).
     """
-    cfg = resolve_config(config, **overrides)
     if max_kv_size is not None and (
         isinstance(max_kv_size, bool) or not isinstance(max_kv_size, int) or max_kv_size <= KEEP
     ):
@@ -75,17 +83,20 @@ def make_prompt_cache(model, config=None, max_kv_size=None, **overrides):
     _check_model(model)
     patch.install()  # mlx-lm model modules imported since `import tq_mlx` are routed too
     base = mlx_cache.make_prompt_cache(model)
-    n, nb = len(base), cfg.boundary_layers
+    n = len(base)
+    dims = [_layer_dims(model, i, n) for i in range(n)]
+    cfg = model_config(model, config, **overrides)
+    nb = cfg.boundary_layers
     out = []
     for i, c in enumerate(base):
-        h, dims = _layer_dims(model, i, n)
+        h, dims_i = dims[i]
         if i < nb or i >= n - nb:
             out.append(_bounded(c, max_kv_size))
         elif type(c) is mlx_cache.KVCache:
             keep = KEEP if max_kv_size else 0
-            out.append(TurboQuantKVCache(cfg, i, max_size=max_kv_size, keep=keep, kv_heads=h, head_dims=dims))
+            out.append(TurboQuantKVCache(cfg, i, max_size=max_kv_size, keep=keep, kv_heads=h, head_dims=dims_i))
         elif type(c) is mlx_cache.RotatingKVCache and cfg.quantize_sliding:
-            out.append(TurboQuantKVCache(cfg, i, max_size=c.max_size, keep=c.keep, kv_heads=h, head_dims=dims))
+            out.append(TurboQuantKVCache(cfg, i, max_size=c.max_size, keep=c.keep, kv_heads=h, head_dims=dims_i))
         else:
             out.append(c)
     return out

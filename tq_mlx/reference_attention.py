@@ -1,15 +1,19 @@
 """Attention on a TurboQuantKVCache from MLX ops: the reference path (every back-end, the CPU's).
 
-Per cache block, the grouped queries are moved into the block's stored domain
-once and scored against the encodings; one softmax in float32 over all scores;
-per block the values are accumulated in the stored domain and moved back with
-one inverse rotation per head.  The cache is never rebuilt as fp vectors in
-the original domain.
+Decode (one query token): per cache block, the grouped queries are moved into
+the block's stored domain once and scored against the encodings; one softmax in
+float32 over all scores; per block the values are accumulated in the stored
+domain and moved back with one inverse rotation per head.  The cache is never
+rebuilt as fp vectors in the original domain.
+Prefill (a chunk of queries): the codes are dequantized into the stored domain
+once per layer and mx.fast.scaled_dot_product_attention runs there
+(`stored_domain_attention`, shared with the Metal path).
 """
 
 import mlx.core as mx
 from mlx_lm.models.base import create_causal_mask
 
+from .fp16_codec import FP_KEY
 from .partials import group_queries, sink_partial, ungroup
 
 
@@ -41,6 +45,38 @@ def _apply(s, mask):
     return s + mask.astype(s.dtype)
 
 
+def stored_dtype(queries):
+    """float32 stored-domain K/V for float32 models (the CPU), float16 for fp16/bf16 models."""
+    return mx.float32 if queries.dtype == mx.float32 else mx.float16
+
+
+def stored_domain_attention(cache, queries, scale, mask, sinks, coded):
+    """Prefill on dequantized codes: mx.fast.scaled_dot_product_attention on this layer's q/k/v in the coded
+    block's stored domain (the fp16 blocks moved there with `to_stored`), the output rotated back.
+
+    coded: (keys, values) of the coded block in the stored domain, centring mean included (B, H, n, d)."""
+    B, Hq, L, dk = queries.shape
+    H = cache.n_kv_heads
+    dtype = stored_dtype(queries)
+    ck, cv = cache.k_codec, cache.v_codec
+    ks, vs = [], []  # temporal order
+    for b in cache.blocks():
+        if b.is_fp:
+            ks.append(ck.to_stored(b.k[FP_KEY]).astype(dtype))
+            vs.append(cv.to_stored(b.v[FP_KEY]).astype(dtype))
+        else:
+            ks.append(coded[0].astype(dtype))
+            vs.append(coded[1].astype(dtype))
+    k = ks[0] if len(ks) == 1 else mx.concatenate(ks, axis=2)
+    v = vs[0] if len(vs) == 1 else mx.concatenate(vs, axis=2)
+    q = ck.rotate_query(group_queries(queries, H, 1.0)).reshape(B, Hq, L, dk).astype(dtype)
+    o = mx.fast.scaled_dot_product_attention(
+        q, k, v, scale=scale, mask=mask, sinks=None if sinks is None else sinks.astype(dtype)
+    )
+    o = cv.unrotate(o.astype(mx.float32).reshape(B, H, -1, v.shape[-1]))
+    return ungroup(o, Hq, queries.dtype)
+
+
 def reference_attention(cache, queries, scale, mask=None, sinks=None):
     """softmax(scale q k^T + mask) v over every token in `cache`.
 
@@ -50,10 +86,16 @@ def reference_attention(cache, queries, scale, mask=None, sinks=None):
     every earlier version, since quantized caches amplify last-bit differences (docs/turboquant.md).
     """
     B, Hq, L, _ = queries.shape
+    blocks = cache.blocks()
+    coded = [b for b in blocks if not b.is_fp]
+    if L > 1 and len(coded) == 1:  # prefill: dequantize once, then SDPA (MLX's quantized matmul is slow for L > 1)
+        b = coded[0]
+        return stored_domain_attention(
+            cache, queries, scale, mask, sinks, (b.k_codec.decode_stored(b.k), b.v_codec.decode_stored(b.v))
+        )
     H = cache.n_kv_heads
     G = Hq // H
     q = group_queries(queries, H, scale)
-    blocks = cache.blocks()
     s = mx.concatenate([b.k_codec.scores(b.k_codec.rotate_query(q), b.k) for b in blocks], axis=-1)
     T = s.shape[-1]
     s = _apply(s.reshape(B, H, G, L, T), mask_array(mask, B, H, G, L, T))
