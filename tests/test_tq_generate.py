@@ -7,8 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlx_lm
 import pytest
-from tq_mlx.models import mlx_lm_hook, tq_generate
+from tq_mlx.models import load, mlx_lm_hook, tq_generate
+
+import tq_mlx
 
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
 TIMEOUT = 300
@@ -51,11 +54,6 @@ def test_the_kv_line_reports_the_bytes_the_cache_holds():
     assert out.returncode == 0, out.stderr
     prompt, generation, kv = stats(out.stdout)
 
-    import mlx_lm
-    from tq_mlx.models import load
-
-    import tq_mlx
-
     model, tokenizer = load()
     cache = tq_mlx.make_prompt_cache(model, "k4v3")
     ids = tokenizer.encode(start, add_special_tokens=True)
@@ -72,24 +70,27 @@ def test_reads_the_prompt_from_stdin_with_a_system_prompt():
     assert "Berlin" in out.stdout and "==========" not in out.stdout  # --verbose False: the answer only
 
 
-@pytest.mark.model
-def test_a_cache_file_from_tq_cache_prompt_is_reused(tmp_path):
-    path = str(tmp_path / "facts.safetensors")
-    facts = "Some facts. The capital of France is Paris. The capital of Spain is Madrid."
-    made = run("tq-cache-prompt", "--prompt", facts, "--prompt-cache-file", path, "--kv", "k4v3")
+FACTS = "Some facts. The capital of France is Paris. The capital of Spain is Madrid."
+
+
+@pytest.fixture(scope="module")
+def cache_file(tmp_path_factory):
+    """A k4v3 prompt-cache file of FACTS, made by tq-cache-prompt."""
+    path = str(tmp_path_factory.mktemp("cache") / "facts.safetensors")
+    made = run("tq-cache-prompt", "--prompt", FACTS, "--prompt-cache-file", path, "--kv", "k4v3")
     assert made.returncode == 0, made.stderr
     assert re.search(r"^KV cache: [\d.]+ MB for \d+ tokens \(k4v3;", made.stdout, re.MULTILINE)
+    return path
 
-    from tq_mlx.models import load
 
-    import tq_mlx
-
+@pytest.mark.model
+def test_a_cache_file_from_tq_cache_prompt_is_reused(cache_file):
     model, tokenizer = load()
-    cache = tq_mlx.load_prompt_cache(path, model=model, config="k4v3")
+    cache = tq_mlx.load_prompt_cache(cache_file, model=model, config="k4v3")
     held = cache[0].offset
-    assert isinstance(cache[0], tq_mlx.TurboQuantKVCache) and held > len(tokenizer.encode(facts))
+    assert isinstance(cache[0], tq_mlx.TurboQuantKVCache) and held > len(tokenizer.encode(FACTS))
 
-    out = run("tq-generate", "--prompt-cache-file", path, "--prompt", " What is the capital of Spain?",
+    out = run("tq-generate", "--prompt-cache-file", cache_file, "--prompt", " What is the capital of Spain?",
               "--max-tokens", "12")
     assert out.returncode == 0, out.stderr
     prompt, generation, kv = stats(out.stdout)
@@ -98,12 +99,10 @@ def test_a_cache_file_from_tq_cache_prompt_is_reused(tmp_path):
 
 
 @pytest.mark.model
-def test_a_cache_file_with_other_kv_settings_is_refused(tmp_path):
-    path = str(tmp_path / "facts.safetensors")
-    assert run("tq-cache-prompt", "--prompt", "Some facts.", "--prompt-cache-file", path).returncode == 0
-    out = run("tq-generate", "--prompt-cache-file", path, "--prompt", "Hi", "--kv", "k3v3")
+def test_a_cache_file_with_other_kv_settings_is_refused(cache_file):
+    out = run("tq-generate", "--prompt-cache-file", cache_file, "--prompt", "Hi", "--kv", "k3v3")
     assert out.returncode == 1
-    assert "saved with KV config 'k4v4', expected 'k3v3'" in out.stderr and "Traceback" not in out.stderr
+    assert "saved with KV config 'k4v3', expected 'k3v3'" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_an_unknown_kv_preset_is_a_usage_error(capsys):
