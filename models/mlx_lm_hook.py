@@ -40,6 +40,8 @@ from .bundled import BUNDLED, DEFAULT_MODEL
 from .loader import load as tq_load
 
 TESTED_RANGE = ">=0.32.2,<0.33"
+MODEL_HELP = (f"bundled alias ({', '.join(sorted(BUNDLED))}), .gguf file, mlx-lm model directory or "
+              f"Hugging Face repo (default: the bundled {DEFAULT_MODEL})")
 
 
 class UnsupportedMlxLmError(RuntimeError):
@@ -187,18 +189,24 @@ class TurboQuantPromptCache(LRUPromptCache):
 
 # ---- installing -------------------------------------------------------------------
 def _parser_class(prog, argv, defaults, on_parsed):
-    """An ArgumentParser that adds the --kv flags (after mlx-lm's own) and checks them."""
+    """An ArgumentParser that adds the --kv flags (after mlx-lm's own), parses argv and checks them."""
 
     class Parser(argparse.ArgumentParser):
         def __init__(self, *args, **kwargs):
             kwargs.setdefault("prog", prog)
             super().__init__(*args, **kwargs)
+            self._kv_added = False
 
         def parse_args(self, args=None, namespace=None):
-            add_kv_arguments(self)
-            self.set_defaults(**defaults)
+            if not self._kv_added:
+                add_kv_arguments(self)
+                self.set_defaults(**defaults)
+                for action in self._actions:
+                    if "--model" in action.option_strings:
+                        action.help = MODEL_HELP
+                self._kv_added = True
             ns = super().parse_args(argv if args is None else args, namespace)
-            if ns.kv_bits is not None:
+            if getattr(ns, "kv_bits", None) is not None:
                 self.error(f"--kv-bits is mlx-lm's affine KV quantization, which {prog} replaces: "
                            "choose the cache with --kv instead (e.g. --kv k4v4)")
             try:
@@ -211,16 +219,15 @@ def _parser_class(prog, argv, defaults, on_parsed):
 
 
 @contextlib.contextmanager
-def installed(module, *, prog, argv=None, defaults=None, on_parsed=None, extra=None):
-    """Run `module.main()` inside this: it parses argv (None: sys.argv) with the --kv flags, and
-    makes TurboQuant caches. `on_parsed(args, kv)` sees the parsed flags; `extra` adds names."""
+def installed(module, *, prog, argv=None, defaults=None, extra=None):
+    """Run `module.main()` inside this: it parses argv (None: sys.argv[1:]) with the --kv flags
+    under the name `prog`, and makes TurboQuant caches. `defaults` replace mlx-lm's argument
+    defaults; `extra` maps more names of `module` to what they become."""
     check_version()
     kv_holder = {}
 
     def parsed(args, kv):
         kv_holder["kv"] = kv
-        if on_parsed is not None:
-            on_parsed(args, kv)
 
     def make_prompt_cache(model, max_kv_size=None):
         return kv_holder["kv"].make_prompt_cache(model, max_kv_size)

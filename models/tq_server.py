@@ -6,7 +6,9 @@
 Every mlx_lm.server flag works (its own main() runs, see `mlx_lm_hook`), plus --kv,
 --kv-window and --kv-boundary-layers. What tq-server adds to mlx-lm's server:
 
-- the prompt cache reuses a prefix only where that gives exactly the cold answer, and keeps
+- TurboQuant caches work in mlx-lm's generation thread (`mlx_lm_hook.prepare_threads`);
+- the prompt cache reuses a cached prefix only if it is at least as long as the tokens the
+  cache's codecs were calibrated on, so that a hit answers as a cold server would, and keeps
   to --prompt-cache-bytes (mlx-lm applies it only when batching);
 - bad requests get a 4xx with an OpenAI-style error body: mlx-lm's own checks, plus a model the
   server cannot serve (404), malformed messages or prompt (400), a prompt that does not fit the
@@ -70,6 +72,10 @@ class _OpenAIErrorBody:
         return getattr(self._wfile, name)
 
 
+class ServerStopping(RuntimeError):
+    """Ctrl-C arrived while a prompt was being prefilled: its answer ends here."""
+
+
 class _Watched:
     """A request's response queue that tells the generator which answer is in progress."""
 
@@ -82,7 +88,7 @@ class _Watched:
             if self._generator._stop:
                 item.stop()
         elif isinstance(item, tuple) and self._generator._stop:  # prefill progress
-            raise RuntimeError("tq-server is shutting down")
+            raise ServerStopping("tq-server is shutting down")
         self._queue.put(item)
 
 
@@ -139,6 +145,8 @@ class APIHandler(mlx_server.APIHandler):
             error = sys.exc_info()[1]
             if isinstance(error, RequestError):
                 status_code = error.status
+            elif error is not None and not self.response_generator.generation_available():
+                status_code = 503  # mlx-lm says 404 when its generation thread has died
             self._error = (status_code, error)
         super()._set_completion_headers(status_code)
 
@@ -200,6 +208,12 @@ class APIHandler(mlx_server.APIHandler):
             return super().do_POST()
         finally:
             self.rfile = rfile
+
+    def handle_completion(self, request, stop_words):
+        try:
+            return super().handle_completion(request, stop_words)
+        except ServerStopping:
+            self.close_connection = True  # the answer is cut short: the client sees the stream end
 
     def do_GET(self):
         self._error = None
