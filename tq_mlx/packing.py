@@ -38,6 +38,7 @@ def _shifts(bits: int):
     valid = ((start < 32) & (start > -bits)).astype(mx.uint32)
     rsh = mx.maximum(start, 0).astype(mx.uint32)
     lsh = mx.maximum(-start, 0).astype(mx.uint32)
+    mx.eval(rsh, lsh, valid)  # cached: evaluated now, so any thread can use them
     return rsh, lsh, valid
 
 
