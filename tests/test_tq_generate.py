@@ -67,7 +67,7 @@ def test_the_kv_line_reports_the_bytes_the_cache_holds():
 
 
 @pytest.mark.model
-def test_reads_the_prompt_from_stdin_with_a_system_prompt():
+def test_reads_the_prompt_from_stdin_with_a_system_prompt(smol):
     out = run(
         "tq-generate",
         "--prompt",
@@ -78,10 +78,22 @@ def test_reads_the_prompt_from_stdin_with_a_system_prompt():
         "False",
         "--system-prompt",
         "You are a geography teacher.",
-        stdin="What is the capital of Germany?\n",
+        stdin="What is the capital of France?\n",
     )
     assert out.returncode == 0, out.stderr
-    assert "Berlin" in out.stdout and "==========" not in out.stdout  # --verbose False: the answer only
+    assert "==========" not in out.stdout  # --verbose False: the answer only
+    # a short prompt is kept exact: the answer of mlx-lm's own fp cache (whatever the model knows)
+    from mlx_lm import generate
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model, tok = smol
+    messages = [
+        {"role": "system", "content": "You are a geography teacher."},
+        {"role": "user", "content": "What is the capital of France?"},
+    ]
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
+    want = generate(model, tok, prompt, max_tokens=12, prompt_cache=make_prompt_cache(model))
+    assert out.stdout.strip() == want.strip()
 
 
 FACTS = "Some facts. The capital of France is Paris. The capital of Spain is Madrid."
