@@ -110,14 +110,15 @@ def cache_bits(cache, fp_bytes: int = 2) -> dict:
 
 
 def settle(c, hq: int = None):
-    """After a direct update_and_fetch: one attention call with random queries, so a cache that defers
-    encoding until it sees queries (query-calibrated key codecs) encodes, and `pending` clears."""
+    """After a direct update_and_fetch: one attention call with random queries, as a model would make, so the
+    cache calibrates (on queries for every position it holds, the first quant_start among them) and encodes."""
     if isinstance(c, tq_mlx.TurboQuantKVCache):
         from tq_mlx.attention import attention
 
         _, h, dk, _ = c.shape
-        q = mx.random.normal((1, hq or h, 1, dk))
-        mx.eval(attention(c, q, dk**-0.5, None))
+        n = 1 if c.calibrated else min(c.size(), c.offset)
+        q = mx.random.normal((1, hq or h, n, dk))
+        mx.eval(attention(c, q, dk**-0.5, "causal" if n > 1 else None))
     return c
 
 

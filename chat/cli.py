@@ -176,6 +176,7 @@ def print_stats(session: Session, out=sys.stdout):
     s, last = session.stats(), session.last
     print(f"tokens in context: {s['tokens']} (limit {s['max_context']}); KV preset {s['kv']}", file=out)
     print(kv_summary(session), file=out)
+    print(f"layers: {s['layers']}", file=out)
     if last.finish:
         print(
             f"last turn: {speed_line(session)[1:-1]} ({last.finish}); peak memory {last.peak_memory / 1e9:.3f} GB",

@@ -24,6 +24,7 @@ from mlx_lm import stream_generate
 from mlx_lm.models.cache import can_trim_prompt_cache, save_prompt_cache, trim_prompt_cache
 
 import tq_mlx
+from tq_mlx import describe
 
 from .sampling import Sampling
 
@@ -348,6 +349,7 @@ class Session:
             "fp16_bytes": fp16,
             "ratio": fp16 / kv if compressed and kv else None,
             "quant_start": max(starts, default=0),
+            "layers": describe.summary(self.cache),
             "last": self.last,
         }
 

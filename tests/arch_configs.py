@@ -1680,3 +1680,11 @@ DOZEN = [
     "gpt_oss",
     "llama@head_dim8",
 ]
+
+# Architectures whose mlx-lm cache has sliding-window or chunked layers (RotatingKVCache, ChunkedKVCache), which
+# quantize_sliding=False keeps uncompressed (test_architectures checks this list against the models).
+SLIDING = [
+    "afmoe", "baichuan_m1", "cohere2", "exaone4", "exaone_moe", "gear", "gemma3", "gemma3_text", "gemma3n",
+    "gemma4", "gemma4_text", "gpt_oss", "iquestloopcoder", "laguna", "llama4", "mellum", "mimo_v2_flash",
+    "ministral3", "muse_glimmer", "olmo3", "plamo3", "recurrent_gemma", "spark2_5", "step3p5",
+]  # fmt: skip

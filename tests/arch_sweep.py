@@ -16,7 +16,7 @@ Caches compared:
 - "fp16", "k8v8": `tq_mlx.make_prompt_cache(model, preset, quant_start=0)`, compressed from the first
   attention call, or `Refused` when make_prompt_cache raises ValueError / NotImplementedError.
 
-`python tests/arch_sweep.py [ARCH...]` prints the sweep as the markdown table of ARCH_REPORT.md.
+`python tests/arch_sweep.py [ARCH...]` prints the sweep as the markdown table of docs/architectures.md.
 """
 
 import copy
@@ -230,16 +230,16 @@ class Sweep:
     def mlx_cache(self):
         return mlx_cache.make_prompt_cache(self.model)
 
-    def tq_cache(self, preset):
+    def tq_cache(self, preset, **overrides):
         """tq_mlx's cache for `preset`, compressed from the first attention call, or Refused."""
         try:
-            return tq_mlx.make_prompt_cache(self.model, preset, quant_start=0)
+            return tq_mlx.make_prompt_cache(self.model, preset, quant_start=0, **overrides)
         except (ValueError, NotImplementedError) as e:
             return Refused(f"{type(e).__name__}: {e}")
 
-    def tq_run(self, preset, sched):
+    def tq_run(self, preset, sched, **overrides):
         """Logits per call with tq_mlx's cache, or Refused; an exception in a forward call propagates."""
-        cache = self.tq_cache(preset)
+        cache = self.tq_cache(preset, **overrides)
         return cache if isinstance(cache, Refused) else run(self.model, cache, self.arch, sched)
 
     def error(self, got, sched) -> float:

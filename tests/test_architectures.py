@@ -15,7 +15,7 @@ crash or a wrong answer is not. The full list is marked slow; DOZEN (arch_config
 
 import mlx.core as mx
 import pytest
-from arch_configs import ARCH_CONFIGS, DOZEN, METAL_ONLY, SKIPPED, module_name
+from arch_configs import ARCH_CONFIGS, DOZEN, METAL_ONLY, SKIPPED, SLIDING, module_name
 from arch_sweep import SCHEDULES, Refused, Sweep, bound, is_kv, leaves, max_error, round_8bit, rounded, run
 from mlx_lm.models import cache as mlx_cache
 
@@ -49,6 +49,28 @@ def test_tq_cache_is_refused_or_as_close_to_mlx_lm_as_its_rounding_control(sweep
         return
     problem = sweep.check(preset, sched, got)
     assert problem is None, problem
+
+
+@pytest.fixture(scope="module", params=[_param(a) for a in SLIDING])
+def sliding_sweep(request):
+    return Sweep(request.param)
+
+
+@pytest.mark.parametrize("sched", SCHEDULES)
+def test_keeping_sliding_layers_uncompressed_never_changes_results(sliding_sweep, sched):
+    """quantize_sliding=False: sliding-window and chunked layers keep mlx-lm's cache, the rest is k8v8."""
+    got = sliding_sweep.tq_run("k8v8", sched, quantize_sliding=False)
+    if isinstance(got, Refused):
+        assert got.message.strip()
+        return
+    problem = sliding_sweep.check("k8v8", sched, got)
+    assert problem is None, problem
+
+
+def test_the_sliding_list_names_exactly_the_models_with_sliding_or_chunked_layers(sweep):
+    kinds = {type(c) for c in leaves(sweep.mlx_cache())}
+    has = bool(kinds & {mlx_cache.RotatingKVCache, mlx_cache.ChunkedKVCache})
+    assert has == (sweep.arch in SLIDING), f"{sweep.arch}: fix SLIDING in arch_configs.py"
 
 
 def test_every_kv_cache_of_the_model_is_compressed_or_the_model_refused(sweep):

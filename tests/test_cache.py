@@ -178,7 +178,7 @@ def test_unknown_preset_lists_the_presets():
 def test_unsupported_head_dim_is_a_clear_error():
     cache = _tq("k4v4")
     k, v = _kv(1, 4, 8)
-    with pytest.raises(ValueError, match="d=8 is unsupported"):
+    with pytest.raises(ValueError, match="layer 0: keys of size 8 cannot be coded.*16..1024.*fp16"):
         _fill(cache, k, v)
 
 
@@ -203,12 +203,105 @@ def test_corrupt_state_is_a_clear_error():
         TurboQuantKVCache.from_state({"keys": mx.zeros(3)})
 
 
-def test_model_that_bypasses_the_helper_is_caught():
+def test_a_model_that_attends_by_itself_gets_the_whole_cache():
+    """A hand-written attention (gemma2's softcapping) reads what update_and_fetch returns: the whole cache."""
+    cache = _tq("k8v8")
+    k, v = _kv(1, 12, 64)
+    kk, vv = cache.update_and_fetch(k[:, :, :8], v[:, :, :8])
+    assert mx.array_equal(kk, k[:, :, :8])  # the exact tokens
+    kk, vv = cache.update_and_fetch(k[:, :, 8:], v[:, :, 8:])  # no attention in between: it attends by itself
+    assert cache.calibrated and kk.shape == (1, 1, 12, 64) and float(mx.abs(kk - k).max()) < 0.05  # codes
+    sdpa(mx.zeros((1, 1, 1, 64)), kk, mx.zeros_like(vv), cache, 0.1, None)  # attention on arrays it made: as given
+    kk, vv = cache.update_and_fetch(k[:, :, :1], v[:, :, :1])  # still the whole cache
+    assert kk.shape == (1, 1, 13, 64) and float(mx.abs(kk[:, :, :12] - k).max()) < 0.05
+
+
+def test_after_attention_reads_the_cache_updates_hand_back_placeholders():
+    cache = _tq("k4v4")
+    k, v = _kv(1, 20, 64)
+    kk, vv = cache.update_and_fetch(k[:, :, :10], v[:, :, :10])
+    sdpa(mx.zeros((1, 2, 10, 64)), kk, vv, cache, 0.1, "causal")  # the handed arrays: read from the cache
+    kk, vv = cache.update_and_fetch(k[:, :, 10:11], v[:, :, 10:11])
+    assert kk.shape == (1, 1, 1, 64) and mx.array_equal(kk, k[:, :, 10:11])
+
+
+def test_a_model_that_changes_attention_path_is_refused():
     cache = _tq("k4v4")
     k, v = _kv(1, 4, 64)
-    cache.update_and_fetch(k, v)  # no attention through tq_mlx follows
-    with pytest.raises(RuntimeError, match="bypasses"):
-        cache.update_and_fetch(k, v)
+    kk, vv = cache.update_and_fetch(k, v)
+    sdpa(mx.zeros((1, 2, 4, 64)), kk, vv, cache, 0.1, "causal")
+    cache.update_and_fetch(k[:, :, :1], v[:, :, :1])  # then no attention call: it read the placeholders
+    with pytest.raises(RuntimeError, match="mixes attention paths"):
+        cache.update_and_fetch(k[:, :, :1], v[:, :, :1])
+
+
+def test_keys_and_values_give_the_whole_cache_after_placeholders():
+    """afm7's KV-reuse layers read keys_and_values() and take the context length from its shape."""
+    cache = _tq("k8v8")
+    k, v = _kv(1, 12, 64)
+    _fill(cache, k, v)
+    kk, vv = cache.keys_and_values()
+    assert kk.shape == (1, 1, 12, 64) and float(mx.abs(kk - k).max()) < 0.05 and float(mx.abs(vv - v).max()) < 0.05
+
+
+def test_attention_on_arrays_another_cache_handed_out_reads_that_cache():
+    """iquestloopcoder's second loop attends to the first loop's K/V but passes its own (empty) cache."""
+    owner, other = _tq("k8v8"), _tq("k8v8")
+    k, v = _kv(1, 12, 64)
+    _fill(owner, k, v)
+    kk, vv = owner.keys_and_values()
+    q = mx.random.normal((1, 2, 1, 64), key=mx.random.key(3))
+    got = sdpa(q, kk, vv, other, 0.125, None)
+    want = mx.fast.scaled_dot_product_attention(q, kk, vv, scale=0.125)  # the decoded codes, as given
+    assert other.empty() and mx.allclose(got, want, atol=1e-4)
+
+
+def test_setting_keys_attaches_a_dependency_to_the_stored_codes():
+    """mlx-lm's `cache.keys = mx.depends(cache.keys, x)`: evaluating the cache evaluates x."""
+    cache = _tq("k4v4")
+    k, v = _kv(1, 8, 64)
+    _fill(cache, k, v)
+    before = {n: mx.array(b) for n, b in cache.codes.buffers.items()}
+    cache.keys = mx.depends(cache.keys, mx.ones(3))
+    cache.values = mx.zeros_like(cache.values)
+    assert all(mx.array_equal(before[n], b) for n, b in cache.codes.buffers.items())  # the codes unchanged
+    with pytest.raises(NotImplementedError, match="attaching a dependency"):
+        cache.keys = mx.zeros((1, 1, 3, 64))
+
+
+def test_chunked_cache_keeps_the_newest_chunk_size_tokens():
+    """mlx-lm's ChunkedKVCache (llama4): maybe_trim_front before each update, start_position counts the rest."""
+    cache = TurboQuantKVCache(tq_mlx.resolve_config("k8v8", quant_start=0), chunk_size=8)
+    k, v = _kv(1, 14, 64)
+    _fill(cache, k[:, :, :10], v[:, :, :10])
+    cache.maybe_trim_front()
+    assert cache.start_position == 2 and cache.size() == 8 and cache.offset == 10
+    cache.update_and_fetch(k[:, :, 10:14], v[:, :, 10:14])
+    kk, _ = cache.keys_and_values()
+    assert kk.shape[2] == 12 and float(mx.abs(kk - k[:, :, 2:]).max()) < 0.05
+    restored = TurboQuantKVCache.from_state(cache.state)
+    assert (restored.chunk_size, restored.start_position) == (8, 2)
+
+
+def test_a_keys_only_cache_stores_empty_values():
+    """MiniMax-M3's indexer caches keys with values of size 0."""
+    cache = _tq("k4v4")
+    k, _ = _kv(1, 6, 64)
+    kk, vv = cache.update_and_fetch(k, mx.zeros((1, 1, 6, 0)))
+    cache.update_and_fetch(k[:, :, :1], mx.zeros((1, 1, 1, 0)))
+    kk, vv = cache.keys_and_values()
+    assert kk.shape == (1, 1, 7, 64) and vv.shape == (1, 1, 7, 0) and cache.calibrated
+
+
+def test_describe_cache_names_each_layer_and_what_is_kept():
+    from tq_mlx.describe import summary
+
+    cache = [KVCache(), _tq("k4v4"), TurboQuantKVCache("k4v4", max_size=16, keep=4)]
+    lines = tq_mlx.describe_cache(cache)
+    assert lines[0] == "layer 0: full attention (mlx-lm's KVCache)"
+    assert lines[1].startswith("layer 1: full attention, TurboQuant k4v4+quant_start=0")
+    assert "sliding window 16" in lines[2]
+    assert summary(cache) == "2 of 3 layers compressed; kept: 1 x full attention (mlx-lm's KVCache)"
 
 
 def test_mlx_lm_affine_cache_still_uses_the_original_path():
@@ -236,7 +329,7 @@ def test_full_query_whitening_keeps_attention_exact():
 def test_uniform_grid_needs_sizes_divisible_by_32():
     cache = _tq("k4v4-fast")
     k, v = _kv(1, 4, 80)
-    with pytest.raises(ValueError, match="divisible by 32"):
+    with pytest.raises(ValueError, match="size 80 cannot be coded.*multiple of 32"):
         _fill(cache, k, v)
 
 

@@ -11,6 +11,7 @@ from . import patch
 from .cache import TurboQuantKVCache
 from .cache_state import CacheStateError
 from .config import DEFAULT_PRESET, PRESETS, CacheConfig, CodecSpec, resolve_config
+from .describe import describe_cache
 from .prompt_cache import load_prompt_cache, make_prompt_cache, model_config
 
 # mlx-lm's load_prompt_cache looks cache classes up in its own module namespace
@@ -20,6 +21,7 @@ patch.install()
 __all__ = [
     "make_prompt_cache",
     "model_config",
+    "describe_cache",
     "load_prompt_cache",
     "TurboQuantKVCache",
     "CacheConfig",

@@ -48,26 +48,38 @@ def unsupported_reason(cache, queries, mask):
     return None
 
 
-def attention(cache, queries, scale, mask=None, sinks=None):
-    """queries (B, Hq, L, dk) -> (B, Hq, L, dv) in queries.dtype; consumes the cache's pending update."""
+def attention(cache, queries, scale, mask=None, sinks=None, keys=None, values=None):
+    """queries (B, Hq, L, dk) -> (B, Hq, L, dv) in queries.dtype.
+
+    keys, values: what the model passed (None: the cache's own).  The arrays the cache handed out attend
+    to the cache's blocks; the cache's keys passed as values too ("kk": MLA's latent attention) use the
+    keys as values; arrays the model made itself (MLA's per-head keys in prefill) are attended as given."""
+    L = queries.shape[2]
+    role = "kv" if keys is None else cache.role(keys, values)
+    if role is None:
+        if not cache.empty():
+            cache.prepare_attention(None, L)
+        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask, sinks=sinks)
     if cache.empty():
         cache.pending = False
         raise ValueError("attention on an empty TurboQuantKVCache: call update_and_fetch first")
+    if role == "kv":
+        cache.hands_out_all = False  # the model reads the cache through here: placeholders from now on
+    kk = role == "kk"
     cache.check_queries(queries)
-    L = queries.shape[2]
     cache.prepare_attention(group_queries(queries, cache.n_kv_heads, scale), L)
     if not cache.calibrated:  # the exact phase: as mlx-lm's fp cache, on the tokens as given
-        (exact,) = cache.blocks()
+        (exact,) = cache.blocks(values_from_keys=kk)
         return mx.fast.scaled_dot_product_attention(
             queries, exact.k[FP_KEY], exact.v[FP_KEY], scale=scale, mask=mask, sinks=sinks
         )
     if L == 1 and mask is not None and not isinstance(mask, str):
         cache.linearize()  # a positional mask at decode reads the tokens in temporal order
-    if not kernels.enabled():
-        return reference_attention(cache, queries, scale, mask, sinks)
-    reason = unsupported_reason(cache, queries, mask)
+    reason = "not enabled" if not kernels.enabled() else "the keys serve as values" if kk else None
+    reason = reason or unsupported_reason(cache, queries, mask)
     if reason is not None:
-        _log_once(reason)
-        return reference_attention(cache, queries, scale, mask, sinks)
+        if reason != "not enabled":
+            _log_once(reason)
+        return reference_attention(cache, queries, scale, mask, sinks, values_from_keys=kk)
     out = kernel_decode(cache, queries, scale, sinks) if L == 1 else kernel_prefill(cache, queries, scale, mask, sinks)
     return reference_attention(cache, queries, scale, mask, sinks) if out is None else out

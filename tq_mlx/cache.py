@@ -16,14 +16,23 @@ into mlx-lm by `tq_mlx.patch`) reads the cache's blocks instead.
    `fp_window` into the fp16 `window` store, the rest into `codes`.
 3. Compressed phase.  A new token goes into the window (whose oldest token is
    encoded into codes), or straight into codes when there is no window.
-4. Each update sets `pending`; attention clears it.  An update that finds it still
-   set means the model bypassed our attention (it would have attended to the
-   placeholders): it raises instead of returning wrong text.
+4. What `update_and_fetch` hands back.  At first, the whole cache as arrays (the exact
+   tokens, or their codes decoded: lazily, so nothing is computed unless the model reads
+   them), so a model that attends by itself (hand-written softmax, MLA's rope scores, KV
+   reused by later layers) is served correctly.  Once a layer's attention call comes
+   through tq_mlx with those very arrays as keys and values, attention reads the cache's
+   blocks directly and later updates hand back only the new tokens as placeholders.
+   Attention called with other arrays (the model transformed them) runs mlx-lm's own
+   attention on what it was given.  A layer that calls attention with cache=None on arrays
+   this cache handed out (KV-shared layers) is routed back to this cache.
 Inputs are validated at once on prefill; a decode step adds no host sync, so its
 NaN/inf check is deferred: non-finite input leaves non-finite norms or values,
 which the next prefill or save finds (`check_finite`) and reports.
 With `max_size` the cache is a sliding window with mlx-lm's RotatingKVCache
 semantics (`keep` first tokens kept); its codes and window are rings, written in place.
+With `chunk_size` it is a chunked-attention cache as mlx-lm's ChunkedKVCache (llama4):
+the model calls `maybe_trim_front()` before each update, which forgets all but the
+newest `chunk_size` tokens (`start_position` counts the forgotten ones).
 """
 
 import json
@@ -37,9 +46,10 @@ from . import kernels
 from .cache_state import STATE_VERSION, prefixed, restore
 from .calibration import QueryStats
 from .codec import check_input, nonfinite_message
-from .codec_factory import Calibration, build_codec, needs_queries
+from .codec_factory import Calibration, build_codec, check_dims, needs_queries
 from .config import CacheConfig, resolve_config
 from .fp16_codec import FP16, FP_KEY
+from .handouts import HandsOut
 from .store import TokenStore
 
 
@@ -63,22 +73,29 @@ class CodeBuffers(NamedTuple):
     v: dict
 
 
-def _fp_block(store: TokenStore) -> Block:
-    view = store.view()
+def _fp_block(store: TokenStore, ordered: bool = False) -> Block:
+    view = store.ordered() if ordered else store.view()
     return Block(FP16, FP16, {FP_KEY: view["k"]}, {FP_KEY: view["v"]}, True, store.length)
 
 
-class TurboQuantKVCache(_BaseCache):
+class TurboQuantKVCache(HandsOut, _BaseCache):
     """KV cache for one attention layer; keys/values arrive as (B, H, L, d) arrays.
 
+    max_size, keep: a sliding window (mlx-lm's RotatingKVCache); chunk_size: chunked attention (ChunkedKVCache).
     kv_heads, head_dims: what the model's layer produces ((dk, dv)), when known: other shapes are refused.
     """
 
-    def __init__(self, config=None, layer: int = 0, max_size=None, keep: int = 0, kv_heads=None, head_dims=None):
+    def __init__(
+        self, config=None, layer: int = 0, max_size=None, keep: int = 0, kv_heads=None, head_dims=None, chunk_size=None
+    ):
+        if max_size is not None and chunk_size is not None:
+            raise ValueError("a TurboQuantKVCache is a sliding window (max_size) or chunked (chunk_size), not both")
         self.config: CacheConfig = resolve_config(config)
         self.layer = layer
         self.max_size = max_size
         self.keep = keep
+        self.chunk_size = chunk_size
+        self.start_position = 0
         self.expect = (kv_heads, *(head_dims or (None, None)))
         self.offset = 0
         self._clear()
@@ -94,7 +111,9 @@ class TurboQuantKVCache(_BaseCache):
         ring = None if self.max_size is None else (self.max_size - R, self.keep)
         self.codes = TokenStore(ring=ring)  # "k_*" and "v_*" encodings
         self.window = TokenStore(ring=(R, 0) if R else None)  # the newest R tokens, fp16
-        self.pending = False  # set by update, cleared by attention: catches models that bypass it
+        self.pending = False  # set by update, cleared by any attention call on this cache
+        self._reset_handouts()
+        self.dtype = None  # the model's K/V dtype
 
     @property
     def window_size(self) -> int:
@@ -132,6 +151,9 @@ class TurboQuantKVCache(_BaseCache):
                 f"layer {self.layer} of this model has {want_h} KV heads of sizes (dk, dv) = ({want_dk}, "
                 f"{want_dv}); got keys {keys.shape}, values {values.shape}: a cache made for another model?"
             )
+        if self.shape is None:
+            check_dims(self.config, dk, f"layer {self.layer}")
+            check_dims(self.config, got[3], f"layer {self.layer}")
         if self.shape is not None and got != self.shape:
             raise ValueError(
                 f"this cache holds (B, H, dk, dv) = {self.shape}; got keys {keys.shape}, "
@@ -174,14 +196,17 @@ class TurboQuantKVCache(_BaseCache):
 
     # ---- storing -------------------------------------------------------------
     def update_and_fetch(self, keys, values):
-        """Store new (B, H, L, d) keys/values; returns them as placeholders (attention reads the cache)."""
-        if self.pending:
+        """Store new (B, H, L, d) keys/values; returns the whole cache as arrays, or, once attention has shown
+        that it reads the cache's blocks, the new keys/values as placeholders (see the module docstring)."""
+        if self.pending and not self.hands_out_all:
             raise RuntimeError(
-                "the previous attention call on this TurboQuantKVCache did not go through tq_mlx's attention: "
-                "the model bypasses mlx_lm.models.base.scaled_dot_product_attention (e.g. calls "
-                "mx.fast.scaled_dot_product_attention directly), which TurboQuant caches do not support"
+                f"layer {self.layer}: the model attended without tq_mlx's attention after it had attended through "
+                "it (it read placeholders): this model mixes attention paths, which TurboQuant caches do not "
+                "support; use mlx-lm's own cache for it"
             )
         self._check(keys, values)
+        if self.pending and not self.calibrated:  # a layer that attends by itself: calibrate on its own schedule
+            self.prepare_attention(None, 0)
         b, h, n, dk = keys.shape
         if self.shape is None:
             self.shape = (b, h, dk, values.shape[-1])
@@ -189,12 +214,26 @@ class TurboQuantKVCache(_BaseCache):
             # mlx-lm's rotating semantics: a new token or chunk sees the max_size - 1 newest older tokens
             self._drop_front(self._held() + 1 - self.max_size)
         self.offset += n
+        self.dtype = keys.dtype
         if not self.calibrated:
             self.exact.append({"k": keys, "v": values})
         else:
             self._store({"k": keys, "v": values})
         self.pending = True
-        return keys, values
+        return self._hand_out(keys, values)
+
+    def all_arrays(self):
+        """The whole cache as (keys, values) (B, H, T, d) in the model's dtype and temporal order: the exact
+        tokens as stored, or the codes decoded (lazy: computed only if read)."""
+        blocks = self.blocks(ordered=True)
+        if not blocks:
+            raise ValueError("an empty TurboQuantKVCache has no keys or values")
+        ks = [b.k_codec.decode(b.k).astype(self.dtype) for b in blocks]
+        vs = [b.v_codec.decode(b.v).astype(self.dtype) for b in blocks]
+        return (
+            ks[0] if len(ks) == 1 else mx.concatenate(ks, axis=2),
+            vs[0] if len(vs) == 1 else mx.concatenate(vs, axis=2),
+        )
 
     def _encode(self, tokens: dict) -> dict:
         enc = {f"k_{n}": a for n, a in self.k_codec.encode(tokens["k"]).items()}
@@ -203,7 +242,7 @@ class TurboQuantKVCache(_BaseCache):
 
     def _store(self, tokens: dict):
         """Calibrated: tokens {"k", "v"} (B, H, n, d), oldest first, into sinks, window and codes."""
-        room = 0 if self.max_size is not None else self.config.fp_sink - self.sink.length
+        room = self.config.fp_sink - self.sink.length if self._keeps_front else 0
         if room > 0:
             self.sink.append({k: v[:, :, :room].astype(mx.float16) for k, v in tokens.items()})
             tokens = {k: v[:, :, room:] for k, v in tokens.items()}
@@ -232,6 +271,18 @@ class TurboQuantKVCache(_BaseCache):
             and self.exact.length == 0
         )
 
+    @property
+    def _keeps_front(self) -> bool:
+        """Whether the first tokens stay for good (full attention: they can go to the fp16 sink store)."""
+        return self.max_size is None and self.chunk_size is None
+
+    def maybe_trim_front(self):
+        """Chunked attention (mlx-lm's ChunkedKVCache): forget all but the newest chunk_size tokens."""
+        drop = self._held() - self.chunk_size
+        if drop > 0:
+            self._drop_front(drop)
+            self.start_position += drop
+
     def _drop_front(self, n: int):
         """Sliding window: forget the n oldest tokens after the first `keep`."""
         if n <= 0:
@@ -252,7 +303,8 @@ class TurboQuantKVCache(_BaseCache):
     def _quant_start(self) -> int:
         """quant_start, at most what a sliding window can hold."""
         q = self.config.quant_start
-        return q if self.max_size is None else min(q, self.max_size)
+        bound = self.max_size or self.chunk_size
+        return q if bound is None else min(q, bound)
 
     def prepare_attention(self, queries, L: int):
         """Called by attention with this call's grouped, scaled queries (B, H, G*L, dk) for L new tokens:
@@ -262,7 +314,7 @@ class TurboQuantKVCache(_BaseCache):
         if self.calibrated:
             return
         Q = self._quant_start
-        if fresh and needs_queries(self.config.keys, "k"):
+        if fresh and queries is not None and needs_queries(self.config.keys, "k"):
             if self.qstats is None:
                 self.qstats = QueryStats(self.shape[1], self.shape[2], self.config.keys.query_weighting == "full")
             first = self.offset - L  # position of this call's first query
@@ -280,7 +332,8 @@ class TurboQuantKVCache(_BaseCache):
         use = kernels.enabled()
         keys = tokens["k"][:, :, :n].astype(mx.float32)
         values = tokens["v"][:, :, :n].astype(mx.float32)
-        self.k_codec = build_codec(cfg.keys, cfg, dk, h, self.layer, "k", Calibration(keys, self.qstats), use)
+        queries = self.qstats if self.qstats is not None and self.qstats.n else None  # none seen: no weights
+        self.k_codec = build_codec(cfg.keys, cfg, dk, h, self.layer, "k", Calibration(keys, queries), use)
         self.v_codec = build_codec(cfg.values, cfg, dv, h, self.layer, "v", Calibration(values), use)
         mx.eval([c.constants() for c in (self.k_codec, self.v_codec)])  # ready, and usable from any thread
         self.calibration_length, self.qstats = n, None
@@ -288,20 +341,24 @@ class TurboQuantKVCache(_BaseCache):
         self._store(tokens)
 
     # ---- what attention reads -------------------------------------------------
-    def blocks(self):
-        """The tokens as Blocks in temporal order: exact tokens (before calibration), or fp16 sinks, codes
-        (slot order in a wrapped ring: `linearize()` first where a mask needs temporal order), window."""
+    def blocks(self, values_from_keys: bool = False, ordered: bool = False):
+        """The tokens as Blocks in temporal order: exact tokens (before calibration), or fp16 sinks, codes, window.
+
+        A wrapped ring's slots are not in temporal order unless `ordered` (a copy; or `linearize()` first).
+        values_from_keys: the keys serve as values too (MLA's latent attention)."""
         if not self.calibrated:
-            return [_fp_block(self.exact)] if self.exact.length else []
-        out = [_fp_block(self.sink)] if self.sink.length else []
-        if self.codes.length:
-            view = self.codes.view()
-            fp = self.k_codec is FP16 and self.v_codec is FP16
-            out.append(
-                Block(self.k_codec, self.v_codec, prefixed(view, "k_"), prefixed(view, "v_"), fp, self.codes.length)
-            )
-        if self.window.length:
-            out.append(_fp_block(self.window))
+            out = [_fp_block(self.exact, ordered)] if self.exact.length else []
+        else:
+            out = [_fp_block(self.sink, ordered)] if self.sink.length else []
+            if self.codes.length:
+                view = self.codes.ordered() if ordered else self.codes.view()
+                fp = self.k_codec is FP16 and self.v_codec is FP16
+                k, v = prefixed(view, "k_"), prefixed(view, "v_")
+                out.append(Block(self.k_codec, self.v_codec, k, v, fp, self.codes.length))
+            if self.window.length:
+                out.append(_fp_block(self.window, ordered))
+        if values_from_keys:
+            out = [b._replace(v_codec=b.k_codec, v=b.k, is_fp=b.is_fp or b.k_codec is FP16) for b in out]
         return out
 
     def linearize(self):
@@ -378,6 +435,8 @@ class TurboQuantKVCache(_BaseCache):
             "offset": self.offset,
             "max_size": self.max_size,
             "keep": self.keep,
+            "chunk_size": self.chunk_size,
+            "start_position": self.start_position,
             "shape": self.shape,
             "expect": self.expect,
             "calibration_length": self.calibration_length,

@@ -54,6 +54,7 @@ def restore(cache, st):
         layer, offset, max_size, keep = meta["layer"], meta["offset"], meta["max_size"], meta["keep"]
         shape, expect, calibrated = meta["shape"], tuple(meta["expect"]), meta["calibration_length"]
         counts = {name: meta[f"n_{name}"] for name in STORES}
+        chunk_size, start_position = meta.get("chunk_size"), meta.get("start_position", 0)
     except Exception as e:
         raise CacheStateError(f"corrupt cache metadata: {type(e).__name__}: {e}") from None
     stores = {name: prefixed(st, f"{name}_") for name in STORES}
@@ -72,6 +73,7 @@ def restore(cache, st):
         raise CacheStateError("corrupt cache state: exact tokens and calibration do not go together")
     cache.config, cache.layer, cache.max_size, cache.keep = config, layer, max_size, keep
     cache.expect, cache.offset = expect, offset
+    cache.chunk_size, cache.start_position = chunk_size, start_position
     cache._clear()
     cache.shape = tuple(shape) if shape else None
     cache.calibration_length = calibrated

@@ -99,6 +99,32 @@ CODECS = {
 }
 
 
+def _dims_error(spec, d):
+    """Why codec `spec` cannot code vectors of size d, or None."""
+    if spec.codec == "fp16" or d == 0:
+        return None
+    if spec.codec == "hqmq":
+        return None if d % 4 == 0 and 4 <= d <= 1020 else "HQMQ needs a multiple of 4 in 4..1020"
+    if not 16 <= d <= 1024:
+        return "TurboQuant codes sizes 16..1024"
+    if spec.grid == "uniform" and d % 32:
+        return "the uniform grid (-fast presets) needs a multiple of 32"
+    if spec.bits != int(spec.bits) and d < 32:
+        return "the outlier split needs at least 32"
+    return None
+
+
+def check_dims(cfg: CacheConfig, d: int, where: str = "a layer"):
+    """Refuse a head size the config's codecs cannot code, naming the layer and what to use instead."""
+    for part, spec in (("keys", cfg.keys), ("values", cfg.values)):
+        why = _dims_error(spec, d)
+        if why:
+            raise ValueError(
+                f"{where}: {part} of size {d} cannot be coded ({why}); use another preset (e.g. 'fp16', or a "
+                "Lloyd-Max one instead of -fast) or mlx-lm's own cache for this model"
+            )
+
+
 def needs_queries(spec: CodecSpec, part: str) -> bool:
     """True when building this codec learns from queries (so the cache waits for an attention call)."""
     return CODECS[spec.codec].needs_queries(spec, part)
@@ -114,5 +140,8 @@ def build_codec(
     calib: Calibration = Calibration(),
     use_kernels: bool = False,
 ):
-    """The codec object for (layer, part): part "k" or "v"; use_kernels: encode through Metal kernels."""
+    """The codec object for (layer, part): part "k" or "v"; use_kernels: encode through Metal kernels.
+    Size-0 vectors (a keys-only cache: MiniMax-M3's indexer passes empty values) are kept as they are."""
+    if d == 0:
+        return FP16
     return CODECS[spec.codec].build(spec, cfg, d, n_heads, layer, part, calib, use_kernels)

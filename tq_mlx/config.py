@@ -75,7 +75,7 @@ class CacheConfig:
     boundary_layers: the first and last N layers keep mlx-lm's fp cache.
     quant_start: keep tokens as given (exact) until the cache holds this many, then calibrate the codecs on
         exactly these first tokens and compress (0: compress from the first attention call).
-    quantize_sliding: also compress sliding-window (RotatingKVCache) layers.
+    quantize_sliding: also compress sliding-window (RotatingKVCache) and chunked (ChunkedKVCache) layers.
     rotation: "auto" (randomized Hadamard for power-of-two sizes, else Haar), "haar" or "hadamard".
     seed: the base seed; per (layer, head, K/V) seeds derive from it.
     """

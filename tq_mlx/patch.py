@@ -3,12 +3,15 @@
 mlx-lm model files bind `scaled_dot_product_attention` by name at import.
 `install()` re-points the name in `mlx_lm.models.base`, which every model
 module imported later binds, and in every `mlx_lm.models.*` module already
-loaded.  Calls with any other cache go to mlx-lm's original function.
+loaded.  A call on keys a TurboQuant cache handed out goes to that cache, whatever
+cache the model passed (KV-shared layers pass None or another layer's cache); other
+calls with a TurboQuant cache go to tq_mlx's attention, the rest to mlx-lm's function.
 `install()` runs on `import tq_mlx`; it is idempotent.
 """
 
 import sys
 
+from . import handouts
 from .attention import attention
 from .cache import TurboQuantKVCache
 
@@ -18,8 +21,9 @@ _PREFIX = "mlx_lm.models."
 
 def tq_scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
     """Drop-in for mlx_lm.models.base.scaled_dot_product_attention."""
+    cache = handouts.owner(keys) or cache  # KV shared with another layer: the cache that holds it
     if isinstance(cache, TurboQuantKVCache):
-        return attention(cache, queries, scale, mask, sinks)
+        return attention(cache, queries, scale, mask, sinks, keys, values)
     return _ORIGINAL(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
 
 

@@ -2,42 +2,24 @@
 
 `make_prompt_cache(model, "k4v3")` starts from the model's own cache list
 (`model.make_cache()` where it exists) and replaces the plain full-attention
-`KVCache` layers, and the sliding-window `RotatingKVCache` layers unless
-`quantize_sliding=False`.  State-space and other layers are kept as they are.
+`KVCache` layers, and the sliding-window `RotatingKVCache` and chunked
+`ChunkedKVCache` layers unless `quantize_sliding=False`, also inside `CacheList`s.  State-space and other
+layers are kept as they are.  Every attention path a model may take is served
+(`cache.py` says how); `describe_cache` reports what is compressed.
 """
 
-import inspect
-import sys
+import logging
 
 from mlx_lm.models import cache as mlx_cache
 
-from . import patch
+from . import describe, patch
 from .cache import TurboQuantKVCache
 from .cache_state import CacheStateError
+from .codec_factory import check_dims
 from .config import resolve_config
 
-_DIRECT_SDPA = "mx.fast.scaled_dot_product_attention("
+log = logging.getLogger("tq_mlx")
 KEEP = 4  # first tokens a sliding window keeps, as mlx-lm's make_prompt_cache(max_kv_size=...)
-
-
-def _check_model(model):
-    """Refuse models whose attention bypasses mlx-lm's scaled_dot_product_attention helper."""
-    seen = set()
-    for m in [model, *(m for _, m in model.named_modules())]:
-        mod = sys.modules.get(type(m).__module__)
-        if mod is None or mod.__name__ in seen or not mod.__name__.startswith("mlx_lm.models."):
-            continue
-        seen.add(mod.__name__)
-        try:
-            src = inspect.getsource(mod)
-        except (OSError, TypeError):
-            continue
-        if _DIRECT_SDPA in src:
-            raise NotImplementedError(
-                f"{mod.__name__} calls mx.fast.scaled_dot_product_attention directly, bypassing "
-                "mlx-lm's attention helper, so TurboQuant caches cannot serve it (it would attend to "
-                "the newest tokens only). Use mlx-lm's own cache for this model."
-            )
 
 
 def _layer_dims(model, i: int, n: int):
@@ -68,8 +50,13 @@ def model_config(model, config=None, **overrides):
 
 
 def make_prompt_cache(model, config=None, max_kv_size=None, **overrides):
-    """A cache list for `model`: TurboQuant layers where attention is plain KV or sliding-window.
+    """A cache list for `model`: TurboQuant layers for every key/value cache mlx-lm would make.
 
+    Starting from mlx-lm's own list (`model.make_cache()` where the model has one), each plain `KVCache`,
+    sliding-window `RotatingKVCache` and chunked `ChunkedKVCache` (these two unless quantize_sliding=False)
+    becomes a TurboQuantKVCache,
+    also inside a `CacheList`; state-space and other caches stay as they are (`describe_cache` says
+    which layers are compressed; attention caches mlx-lm keeps in another form are logged).
     config: preset name, "kXvY" or CacheConfig; the default, "auto", is k4v4 on the Metal kernels and
     k4v4-fast on the CPU (`config.auto_preset`); overrides set CacheConfig fields (fp_window, fp_sink,
     boundary_layers, quant_start, quantize_sliding, rotation, seed).
@@ -80,26 +67,50 @@ def make_prompt_cache(model, config=None, max_kv_size=None, **overrides):
         isinstance(max_kv_size, bool) or not isinstance(max_kv_size, int) or max_kv_size <= KEEP
     ):
         raise ValueError(f"max_kv_size must be an integer above {KEEP}, got {max_kv_size!r}")
-    _check_model(model)
     patch.install()  # mlx-lm model modules imported since `import tq_mlx` are routed too
     base = mlx_cache.make_prompt_cache(model)
     n = len(base)
-    dims = [_layer_dims(model, i, n) for i in range(n)]
     cfg = model_config(model, config, **overrides)
-    nb = cfg.boundary_layers
     out = []
     for i, c in enumerate(base):
-        h, dims_i = dims[i]
-        if i < nb or i >= n - nb:
-            out.append(_bounded(c, max_kv_size))
-        elif type(c) is mlx_cache.KVCache:
-            keep = KEEP if max_kv_size else 0
-            out.append(TurboQuantKVCache(cfg, i, max_size=max_kv_size, keep=keep, kv_heads=h, head_dims=dims_i))
-        elif type(c) is mlx_cache.RotatingKVCache and cfg.quantize_sliding:
-            out.append(TurboQuantKVCache(cfg, i, max_size=c.max_size, keep=c.keep, kv_heads=h, head_dims=dims_i))
-        else:
-            out.append(c)
+        h, dims = _layer_dims(model, i, n)
+        for d in dims or ():
+            check_dims(cfg, d, f"layer {i}")
+        boundary = i < cfg.boundary_layers or i >= n - cfg.boundary_layers
+        out.append(_swap(c, cfg, i, max_kv_size, boundary, h, dims))
+    _report_uncompressed(out)
     return out
+
+
+def _swap(c, cfg, layer, max_kv_size, boundary, h, dims):
+    """The cache that replaces mlx-lm's cache c of one layer (CacheList members one by one)."""
+    if type(c) is mlx_cache.CacheList:
+        return mlx_cache.CacheList(*(_swap(m, cfg, layer, max_kv_size, boundary, None, None) for m in c.caches))
+    if boundary:
+        return _bounded(c, max_kv_size)
+    if type(c) is mlx_cache.KVCache:
+        keep = KEEP if max_kv_size else 0
+        return TurboQuantKVCache(cfg, layer, max_size=max_kv_size, keep=keep, kv_heads=h, head_dims=dims)
+    if type(c) is mlx_cache.RotatingKVCache and cfg.quantize_sliding:
+        return TurboQuantKVCache(cfg, layer, max_size=c.max_size, keep=c.keep, kv_heads=h, head_dims=dims)
+    if type(c) is mlx_cache.ChunkedKVCache and cfg.quantize_sliding:
+        return TurboQuantKVCache(cfg, layer, chunk_size=c.chunk_size, kv_heads=h, head_dims=dims)
+    return c
+
+
+def _report_uncompressed(cache):
+    """Log the attention caches mlx-lm keeps in a form TurboQuant does not take over (no silent saving gap)."""
+    kept = [
+        f"{i}: {kind}"
+        for i, kind, compressed in describe.layers(cache)
+        if not compressed and kind.startswith(describe.UNTAKEN)
+    ]
+    if kept:
+        log.warning(
+            "tq_mlx: %d attention layer(s) keep mlx-lm's cache, uncompressed (%s)",
+            len(kept),
+            ", ".join(kept[:6]) + (", ..." if len(kept) > 6 else ""),
+        )
 
 
 def load_prompt_cache(path, model=None, config=None, return_metadata=False):

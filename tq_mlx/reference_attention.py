@@ -50,7 +50,7 @@ def stored_dtype(queries):
     return mx.float32 if queries.dtype == mx.float32 else mx.float16
 
 
-def stored_domain_attention(cache, queries, scale, mask, sinks, coded):
+def stored_domain_attention(cache, queries, scale, mask, sinks, coded, values_from_keys=False):
     """Prefill on dequantized codes: mx.fast.scaled_dot_product_attention on this layer's q/k/v in the coded
     block's stored domain (the fp16 blocks moved there with `to_stored`), the output rotated back.
 
@@ -58,9 +58,10 @@ def stored_domain_attention(cache, queries, scale, mask, sinks, coded):
     B, Hq, L, dk = queries.shape
     H = cache.n_kv_heads
     dtype = stored_dtype(queries)
-    ck, cv = cache.k_codec, cache.v_codec
+    blocks = cache.blocks(values_from_keys)
+    ck, cv = next((b.k_codec, b.v_codec) for b in blocks if not b.is_fp)
     ks, vs = [], []  # temporal order
-    for b in cache.blocks():
+    for b in blocks:
         if b.is_fp:
             ks.append(ck.to_stored(b.k[FP_KEY]).astype(dtype))
             vs.append(cv.to_stored(b.v[FP_KEY]).astype(dtype))
@@ -77,7 +78,7 @@ def stored_domain_attention(cache, queries, scale, mask, sinks, coded):
     return ungroup(o, Hq, queries.dtype)
 
 
-def reference_attention(cache, queries, scale, mask=None, sinks=None):
+def reference_attention(cache, queries, scale, mask=None, sinks=None, values_from_keys=False):
     """softmax(scale q k^T + mask) v over every token in `cache`.
 
     queries: (B, Hq, L, dk), Hq a multiple of the cache's H; returns (B, Hq, L, dv) in queries.dtype.
@@ -86,13 +87,12 @@ def reference_attention(cache, queries, scale, mask=None, sinks=None):
     every earlier version, since quantized caches amplify last-bit differences (docs/turboquant.md).
     """
     B, Hq, L, _ = queries.shape
-    blocks = cache.blocks()
+    blocks = cache.blocks(values_from_keys)
     coded = [b for b in blocks if not b.is_fp]
     if L > 1 and len(coded) == 1:  # prefill: dequantize once, then SDPA (MLX's quantized matmul is slow for L > 1)
         b = coded[0]
-        return stored_domain_attention(
-            cache, queries, scale, mask, sinks, (b.k_codec.decode_stored(b.k), b.v_codec.decode_stored(b.v))
-        )
+        coded_kv = (b.k_codec.decode_stored(b.k), b.v_codec.decode_stored(b.v))
+        return stored_domain_attention(cache, queries, scale, mask, sinks, coded_kv, values_from_keys)
     H = cache.n_kv_heads
     G = Hq // H
     q = group_queries(queries, H, scale)

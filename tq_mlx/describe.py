@@ -1,0 +1,64 @@
+"""What a cache list holds, layer by layer: `describe_cache(cache)` and a one-line `summary`."""
+
+from collections import Counter
+
+from mlx_lm.models import cache as mlx_cache
+
+from .cache import TurboQuantKVCache
+
+UNTAKEN = ("affine-quantized", "concatenating")  # attention caches TurboQuant leaves to mlx-lm
+
+
+def _kind(c) -> tuple[str, bool]:
+    """(what the layer holds, whether TurboQuant compresses it)."""
+    if isinstance(c, TurboQuantKVCache):
+        kind = (
+            f"sliding window {c.max_size}"
+            if c.max_size is not None
+            else f"chunked attention {c.chunk_size}"
+            if c.chunk_size is not None
+            else "full attention"
+        )
+        how = (
+            "attention on the codes"
+            if not c.hands_out_all
+            else "the model reads decoded keys/values"
+            if c.calibrated
+            else "exact so far"
+        )
+        return f"{kind}, TurboQuant {c.config.name} ({how})", True
+    if isinstance(c, mlx_cache.CacheList):
+        parts = [_kind(m) for m in c.caches]
+        return "list: " + "; ".join(p for p, _ in parts), any(comp for _, comp in parts)
+    kinds = {
+        mlx_cache.KVCache: "full attention",
+        mlx_cache.RotatingKVCache: "sliding window",
+        mlx_cache.ChunkedKVCache: "chunked attention",
+        mlx_cache.QuantizedKVCache: "affine-quantized",
+        mlx_cache.ConcatenateKVCache: "concatenating",
+        mlx_cache.ArraysCache: "state space",
+    }
+    for cls, kind in kinds.items():
+        if type(c) is cls:
+            return f"{kind} (mlx-lm's {cls.__name__})", False
+    return f"{type(c).__name__} (mlx-lm's)", False
+
+
+def layers(cache):
+    """[(layer index, description, compressed)] for a cache list."""
+    return [(i, *_kind(c)) for i, c in enumerate(cache)]
+
+
+def describe_cache(cache) -> list[str]:
+    """One line per layer: what it holds and whether TurboQuant compresses it."""
+    return [f"layer {i}: {kind}" for i, kind, _ in layers(cache)]
+
+
+def summary(cache) -> str:
+    """e.g. "30 of 30 layers compressed", or "28 of 30 layers compressed; kept: 2 x full attention (mlx-lm's
+    KVCache)"."""
+    rows = layers(cache)
+    done = sum(comp for _, _, comp in rows)
+    kept = Counter(kind for _, kind, comp in rows if not comp)
+    tail = "; kept: " + ", ".join(f"{n} x {kind}" for kind, n in kept.items()) if kept else ""
+    return f"{done} of {len(rows)} layers compressed{tail}"
