@@ -1,15 +1,18 @@
 // TurboQuant decode attention (one query token) as partial softmax sums per key block.
 // Template: QT (query dtype), NT (norm dtype), D (multiple of 8), KB / VB (K / V code bits, 1..8),
 //           G (query heads per KV head), GH (query heads per threadgroup: 1, 2 or 4), ROT (0: Hadamard,
-//           `qmap` (H, D) scales q before the unnormalised transform; 1: dense, q' = qmap[h] q).
-// Inputs:  q (B*H*G*D) QT raw queries; scale (float); qmap; kmr (H, D) f32 key mean in the stored domain;
+//           `qmap` (CH, D) scales q before the unnormalised transform; 1: dense, q' = qmap[h] q).
+// Inputs:  q (B*H*G*D) QT raw queries; scale (float); qmap (CH, D) or (CH, D, D); kmr (CH, D) f32 key mean in
+//          the stored domain (CH = H, or B*H when each batch row has codecs of its own: row b*H + h);
 //          kc (B, H, cap, WK) u32, kn (B, H, cap) NT, vc (B, H, cap, WV) u32, vn (B, H, cap) NT: the code
-//          store's full buffers; kcb (2^KB), vcb (2^VB) f32 codebooks; sk, sv (B, H, S, D) fp16 sink tokens;
-//          wk, wv (B, H, RC, D) fp16 window ring; params int32 [T, BLK, S, R]: coded tokens, keys per block,
-//          sink and window tokens, read at run time (no recompile per step).
+//          store's full buffers; kcb (2^KB), vcb (2^VB) f32 codebooks; sk, sv (B, H, SC, D) fp16 sink tokens;
+//          wk, wv (B, H, RC, D) fp16 window ring; ek, ev (B, H, EC, D) exact tokens (a batch row not yet
+//          calibrated; any float type); lens int32 (LB, 4), LB = B or 1 (shared): per batch row [T, S, R, E]
+//          coded, sink, window and exact tokens; params int32 [BLK] keys per block.  Counts are read at run
+//          time (no recompile per step); a row's slots past its counts are never read.
 // Outputs: po (B*H*G, NB + 1, D), pm, pl (B*H*G, NB + 1) f32: for block b < NB the codes [b*BLK, b*BLK + BLK)
-//          in the stored domain (pm includes the key-mean shift); block NB the fp16 tokens in the original
-//          domain.  Scores are in base 2 (q is scaled by log2 e): tq_merge combines them.
+//          in the stored domain (pm includes the key-mean shift); block NB the fp16 and exact tokens in the
+//          original domain.  Scores are in base 2 (q is scaled by log2 e): tq_merge combines them.
 // Grid (32*NSG, B*H*HG, NB + 1) threads, threadgroup (32*NSG, 1, 1), HG = ceil(G / GH).
 //
 // Lanes: 8 dims per lane (one BITS-byte chunk of codes), LPK = 8/16/32 lanes per key (D <= 64 / 128 / 256),
@@ -29,6 +32,8 @@
 //   accumulate 4 heads x 8 dims fma                                                                 = 32
 //   loop: add, compare, branch                                                                      = 3
 //   total 156 per step = 78 per key row (target <= 80; fp16 sdpa_vector is bandwidth-bound at ~110).
+// Ragged batches (per-row counts from `lens`, per-row constants) change only what is read before the loop
+// (4 counts, the constants' row) and the fp16 block's source choice: the coded loop above is unchanged.
 // The rescale path (a new running max somewhere in the simdgroup) costs ~45 more, taken rarely after the
 // first keys of a block.
     constexpr int NSG = 8;
@@ -54,17 +59,21 @@
     const uint ntg = threads_per_threadgroup.x;
     const int H = kn_shape[1];
     const int cap = kn_shape[2];
+    const int SC = sk_shape[2];
     const int RC = wk_shape[2];
+    const int EC = ek_shape[2];
     const int bh = int(threadgroup_position_in_grid.y) / HG;
     const int hg = int(threadgroup_position_in_grid.y) % HG;
-    const int h = bh % H;
+    const int h = bh % kmr_shape[0];  // the constants' row: the head, or the batch row's own head
     const int blk = int(threadgroup_position_in_grid.z);
     const int NB = int(threadgroups_per_grid.z) - 1;
     const bool fpb = blk == NB;  // uniform: the fp16 block
-    const int T = params[0];
-    const int BLK = params[1];
-    const int S = params[2];
-    const int R = params[3];
+    const int lr = (bh / H) % lens_shape[0];
+    const int T = lens[lr * 4];
+    const int S = lens[lr * 4 + 1];
+    const int R = lens[lr * 4 + 2];
+    const int E = lens[lr * 4 + 3];
+    const int BLK = params[0];
 
     // 1. codebooks and the GH queries (scaled, base 2) into threadgroup memory
     for (uint i = tid; i < uint(1 << KB); i += ntg) { kcb_tg[i] = kcb[i]; }
@@ -130,7 +139,7 @@
 
     // 4. the block's keys: KPI per simdgroup step, simdgroups interleaved
     const int t0 = fpb ? 0 : blk * BLK;
-    const int t1 = fpb ? S + R : min(T, t0 + BLK);
+    const int t1 = fpb ? S + R + E : min(T, t0 + BLK);
     for (int base = t0 + int(sg) * KPI; base < t1; base += NSG * KPI) {
         const int t = base + ks;
         const bool valid = t < t1;
@@ -146,11 +155,14 @@
                     kv[i] = 0.0f;
                     vv[i] = 0.0f;
                 } else if (tl < S) {
-                    kv[i] = float(sk[(size_t(bh) * S + tl) * D + d]);
-                    vv[i] = float(sv[(size_t(bh) * S + tl) * D + d]);
-                } else {
+                    kv[i] = float(sk[(size_t(bh) * SC + tl) * D + d]);
+                    vv[i] = float(sv[(size_t(bh) * SC + tl) * D + d]);
+                } else if (tl < S + R) {
                     kv[i] = float(wk[(size_t(bh) * RC + tl - S) * D + d]);
                     vv[i] = float(wv[(size_t(bh) * RC + tl - S) * D + d]);
+                } else {
+                    kv[i] = float(ek[(size_t(bh) * EC + tl - S - R) * D + d]);
+                    vv[i] = float(ev[(size_t(bh) * EC + tl - S - R) * D + d]);
                 }
             }
         } else {

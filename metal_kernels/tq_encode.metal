@@ -2,8 +2,9 @@
 // Template: XT (input dtype), NT (norm dtype), D, BITS, ROT (0: randomized Hadamard, `map` (H, D) scales x
 //           before the unnormalised transform; 1: dense, `map` (H, D, D), y = map[h] x), NC (1: norm
 //           correction, store n / |c[idx]|; 0: store n), RPT (rows per threadgroup).
-// Inputs:  x (R, D) rows r = (b*H + h)*L + t; mean (H, D) f32 (subtracted first); map; levels (2^BITS) f32;
-//          edges (2^BITS - 1) f32 sorted decision edges; params int32 [L, H].
+// Inputs:  x (R, D) rows r = (b*H + h)*L + t; mean (CH, D) f32 (subtracted first); map (CH, D) or (CH, D, D);
+//          levels (2^BITS) f32; edges (2^BITS - 1) f32 sorted decision edges; params int32 [L, CH]: CH = H
+//          constant rows (one per head), or B*H (each batch row its own codec: row b*H + h).
 // Outputs: codes (R, W) uint32, W = ceil(D*BITS/32), dense little-endian bit strings (tq_mlx/packing.py);
 //          norm (R,) NT.
 // Grid (32, R, 1) threads, threadgroup (32, RPT, 1): one simdgroup per row; the last threadgroup may be partial.

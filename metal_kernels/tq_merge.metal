@@ -2,8 +2,9 @@
 // Template: OT (output dtype), D, G (query heads per KV head), ROT (0: Hadamard, `omap` (H, D) scales the
 //           unnormalised transform's result; 1: dense, x = omap[h] y).
 // Inputs:  po (R, NB + 1, D), pm, pl (R, NB + 1) f32 from tq_decode (base-2 scores; block NB = fp16 tokens);
-//          vmr (H, D) f32 value mean in the stored domain; omap; sinks (Hq,) f32 attention-sink logits
-//          (any 1-element array without them); params int32 [has_sinks].
+//          vmr (CH, D) f32 value mean in the stored domain and omap (CH, D(, D)): CH = H, or B*H when each batch
+//          row has codecs of its own (row b*H + h); sinks (Hq,) f32 attention-sink logits (any 1-element array
+//          without them); params int32 [has_sinks].
 // Output:  out (R, D) OT, R = B * H * G rows in (B, Hq, 1, D) order: softmax-normalised, original domain.
 // Grid (D, R, 1) threads, threadgroup (D, 1, 1).
     threadgroup float y_tg[D];
@@ -11,8 +12,8 @@
     const int d = int(thread_position_in_threadgroup.x);
     const int row = int(threadgroup_position_in_grid.y);
     const int NB1 = pm_shape[1];
-    const int H = vmr_shape[0];
-    const int h = (row / G) % H;
+    const int CH = vmr_shape[0];
+    const int h = (row / G) % CH;  // the constants' row: the head, or the batch row's own head
 
     // 1. the coded blocks: common max, rescaled sums (stored domain)
     float Mc = TQ_NEG_BIG;
@@ -44,7 +45,7 @@
     const float mf = pm[row * NB1 + NB1 - 1];
     const float lf = pl[row * NB1 + NB1 - 1];
     const float of = po[(size_t(row) * NB1 + NB1 - 1) * D + d];
-    const float ms = params[0] ? sinks[row % (H * G)] * TQ_LOG2E : TQ_NEG_BIG;
+    const float ms = params[0] ? sinks[row % sinks_shape[0]] * TQ_LOG2E : TQ_NEG_BIG;
     const float M = max(max(Mc, mf), ms);
     const float fc = fast::exp2(Mc - M);
     const float ff = fast::exp2(mf - M);

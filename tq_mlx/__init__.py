@@ -8,6 +8,7 @@ mlx_lm.generate(model, tokenizer, prompt, prompt_cache=cache)
 from mlx_lm.models import cache as _mlx_cache
 
 from . import patch
+from .batch_cache import BatchTurboQuantKVCache
 from .cache import TurboQuantKVCache
 from .cache_state import CacheStateError
 from .config import DEFAULT_PRESET, PRESETS, CacheConfig, CodecSpec, resolve_config
@@ -24,6 +25,7 @@ __all__ = [
     "describe_cache",
     "load_prompt_cache",
     "TurboQuantKVCache",
+    "BatchTurboQuantKVCache",
     "CacheConfig",
     "CodecSpec",
     "PRESETS",

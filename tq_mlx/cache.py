@@ -205,6 +205,11 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
                 "support; use mlx-lm's own cache for it"
             )
         self._check(keys, values)
+        self._append(keys, values)
+        return self._hand_out(keys, values)
+
+    def _append(self, keys, values):
+        """Store checked (B, H, L, d) keys/values (update_and_fetch without the checks and what it returns)."""
         if self.pending and not self.calibrated:  # a layer that attends by itself: calibrate on its own schedule
             self.prepare_attention(None, 0)
         b, h, n, dk = keys.shape
@@ -220,7 +225,6 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
         else:
             self._store({"k": keys, "v": values})
         self.pending = True
-        return self._hand_out(keys, values)
 
     def all_arrays(self):
         """The whole cache as (keys, values) (B, H, T, d) in the model's dtype and temporal order: the exact
@@ -337,7 +341,7 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
         self.v_codec = build_codec(cfg.values, cfg, dv, h, self.layer, "v", Calibration(values), use)
         mx.eval([c.constants() for c in (self.k_codec, self.v_codec)])  # ready, and usable from any thread
         self.calibration_length, self.qstats = n, None
-        self.exact = TokenStore()
+        self.exact.clear()
         self._store(tokens)
 
     # ---- what attention reads -------------------------------------------------
@@ -381,6 +385,13 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
         return tuple(out)
 
     # ---- mlx-lm protocol ----------------------------------------------------------
+    @classmethod
+    def merge(cls, caches):
+        """mlx-lm's batching: these caches (one layer, one config) as one BatchTurboQuantKVCache."""
+        from .batch_cache import BatchTurboQuantKVCache
+
+        return BatchTurboQuantKVCache(caches)
+
     def size(self) -> int:
         """Tokens in context, as mlx-lm counts them (a sliding window reports at most max_size)."""
         return self._held() if self.max_size is None else min(self.offset, self.max_size)
@@ -405,17 +416,21 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
         return n
 
     def make_mask(self, N: int, return_array: bool = False, window_size=None):
+        return self.mask_for(N, self._held(), return_array, window_size)
+
+    def mask_for(self, N: int, held: int, return_array: bool = False, window_size=None):
+        """make_mask for N new tokens when the cache holds `held` tokens (what a batch row asks for)."""
         if self.max_size is None:
-            return create_attention_mask(N, self._held(), return_array, window_size)
+            return create_attention_mask(N, held, return_array, window_size)
         if N > 1:
             window_size = window_size or self.max_size
-            offset = min(self.max_size - 1, self._held())
+            offset = min(self.max_size - 1, held)
             if offset + N > window_size or return_array:
                 return create_causal_mask(N, offset, window_size=window_size)
             return "causal"
         if window_size is None or window_size >= self.max_size:
             return None
-        t = min(self._held() + 1, self.max_size)
+        t = min(held + 1, self.max_size)
         return mx.arange(t) >= t - window_size
 
     @property

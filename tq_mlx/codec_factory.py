@@ -48,17 +48,17 @@ class Calibration:
         return self.state[name] if self.state and name in self.state else compute()
 
 
-def _fp16(spec, cfg, d, n_heads, layer, part, calib, use_kernels):
+def _fp16(spec, cfg, d, n_heads, layer, part, calib, use_kernels, batch=False):
     return FP16
 
 
-def _hqmq(spec, cfg, d, n_heads, layer, part, calib, use_kernels):
+def _hqmq(spec, cfg, d, n_heads, layer, part, calib, use_kernels, batch=False):
     return HQMQ(
         d, n_heads, config=spec.hqmq, seed=cfg.seed, layer=layer, part=part, median=(calib.state or {}).get("median")
     )
 
 
-def _turboquant(spec, cfg, d, n_heads, layer, part, calib, use_kernels):
+def _turboquant(spec, cfg, d, n_heads, layer, part, calib, use_kernels, batch=False):
     mean = calib.get("mean", lambda: channel_mean(calib.x)) if spec.center else None
     weight = None
     if part == "k" and spec.query_weighting:
@@ -74,6 +74,7 @@ def _turboquant(spec, cfg, d, n_heads, layer, part, calib, use_kernels):
         layer=layer,
         part=part,
         use_kernels=use_kernels,
+        batch=batch,
     )
     if spec.bits == int(spec.bits):
         return TurboQuant(d, n_heads, int(spec.bits), **common)
@@ -88,7 +89,7 @@ def _never(spec, part):
 
 @dataclass(frozen=True)
 class CodecKind:
-    build: Callable  # (spec, cfg, d, n_heads, layer, part, calib, use_kernels) -> Codec
+    build: Callable  # (spec, cfg, d, n_heads, layer, part, calib, use_kernels, batch) -> Codec
     needs_queries: Callable  # (spec, part) -> bool
 
 
@@ -139,9 +140,11 @@ def build_codec(
     part: str,
     calib: Calibration = Calibration(),
     use_kernels: bool = False,
+    batch: bool = False,
 ):
     """The codec object for (layer, part): part "k" or "v"; use_kernels: encode through Metal kernels.
+    batch: calib.state holds one calibration per batch row, stacked on a leading axis (`batch_codecs`).
     Size-0 vectors (a keys-only cache: MiniMax-M3's indexer passes empty values) are kept as they are."""
     if d == 0:
         return FP16
-    return CODECS[spec.codec].build(spec, cfg, d, n_heads, layer, part, calib, use_kernels)
+    return CODECS[spec.codec].build(spec, cfg, d, n_heads, layer, part, calib, use_kernels, batch)

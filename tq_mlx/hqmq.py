@@ -132,15 +132,18 @@ class HQMQ:
 
     @property
     def median(self):
-        """Each head's median chunk norm, float32 (H,), the outlier threshold / 3; None before calibration."""
+        """Each head's median chunk norm, float32 (H,), the outlier threshold / 3; None before calibration.
+        (B, H) for batch rows with calibrations of their own (a batch cache)."""
         return self._median
 
     @median.setter
     def median(self, value):
         if value is not None:
-            value = mx.array(value, dtype=mx.float32).reshape(-1)
-            if value.shape != (self.n_heads,):
-                raise ValueError(f"median must have shape ({self.n_heads},), got {tuple(value.shape)}")
+            value = mx.array(value, dtype=mx.float32)
+            if value.ndim > 1:
+                value = value.reshape(-1, value.shape[-1])
+            if value.ndim == 0 or value.shape[-1] != self.n_heads:
+                raise ValueError(f"median must have shape ({self.n_heads},) or (B, {self.n_heads}), got {value.shape}")
         self._median = value
 
     @property
@@ -212,7 +215,7 @@ class HQMQ:
 
         Returns oidx (.., K) uint8, oval (.., 4K) fp16 and the kept mask (.., C)."""
         k = self.max_outliers
-        cand = r > OUTLIER_FACTOR * self.median[None, :, None, None]
+        cand = r > OUTLIER_FACTOR * self.median.reshape(-1, self.n_heads, 1, 1)
         order = mx.argsort(mx.where(cand, -r, 1.0), axis=-1)[..., :k]
         valid = mx.take_along_axis(cand, order, axis=-1)
         oidx = mx.where(valid, order, EMPTY).astype(mx.uint8)

@@ -9,7 +9,8 @@ G, the rotation kind) are compile-time only; token counts and block sizes travel
 Kernels:
 - tq_encode: raw vectors -> centred, weighted, rotated, quantized, packed codes + norms.
 - tq_decode: decode attention on the packed codes of one layer: partial (o, m, l) per key block,
-  plus one block for the fp16 tokens (sinks, window); the query is rotated inside.
+  plus one block for the fp16 tokens (sinks, window) and exact ones; the query is rotated inside.  Each
+  batch row has its own token counts (and, in a batch cache, its own codec constants).
 - tq_merge: combines the partials, adds the value mean, rotates back, normalises: the output.
 - tq_dequant: codes -> n * c[idx] in the stored domain (prefill).
 A decode step is tq_encode twice (K, V) on update, then tq_decode and tq_merge.
@@ -44,7 +45,8 @@ _NO_SINKS = {}  # the placeholder sinks input, made once
 _SPECS = {
     "tq_encode": (["x", "mean", "map", "levels", "edges", "params"], ["codes", "norm"]),
     "tq_decode": (
-        ["q", "scale", "qmap", "kmr", "kc", "kn", "vc", "vn", "kcb", "vcb", "sk", "sv", "wk", "wv", "params"],
+        ["q", "scale", "qmap", "kmr", "kc", "kn", "vc", "vn", "kcb", "vcb", "sk", "sv", "wk", "wv", "ek", "ev", "lens"]
+        + ["params"],
         ["po", "pm", "pl"],
     ),
     "tq_merge": (["po", "pm", "pl", "vmr", "omap", "sinks", "params"], ["out"]),
@@ -153,14 +155,15 @@ def num_blocks(T: int, n_groups: int, block=None):
 def encode(x, mean, tmap, levels, edges, norm_dtype=mx.float16, norm_correction=True, rows_per_tg=4):
     """tq_encode: x (B, H, L, D) raw -> (codes (B, H, L, W) uint32, norm (B, H, L) norm_dtype).
 
-    mean (H, D) f32; tmap (H, D) vector (Hadamard D) or (H, D, D) matrix: y = T(x - mean)."""
+    mean (H, D) f32; tmap (H, D) vector (Hadamard D) or (H, D, D) matrix: y = T(x - mean).  With (B*H, D)
+    and (B*H, D(, D)) constants, batch row b uses rows b*H .. b*H + H - 1 (codecs of its own)."""
     B, H, L, D = x.shape
     bits = bits_of(levels)
     words = -(-D * bits // 32)
     rot = int(tmap.ndim == 3)
     rows = B * H * L
     codes, norm = kernel("tq_encode")(
-        inputs=[x.reshape(rows, D), mean, tmap, levels, edges, _params(L, H)],
+        inputs=[x.reshape(rows, D), mean, tmap, levels, edges, _params(L, mean.shape[0])],
         template=[
             ("XT", x.dtype),
             ("NT", norm_dtype),
@@ -178,9 +181,11 @@ def encode(x, mean, tmap, levels, edges, norm_dtype=mx.float16, norm_correction=
     return codes.reshape(B, H, L, words), norm.reshape(B, H, L)
 
 
-def decode_partials(q, scale, qmap, kmr, kc, kn, vc, vn, kcb, vcb, sk, sv, wk, wv, T, S, R, G, block=None):
-    """tq_decode.  q (B, H*G, 1, D) raw; the code buffers hold T tokens (full capacity, (B, H, cap, ...));
-    sk/sv (B, H, S, D) and wk/wv (B, H, RC, D) fp16 hold S sink and R window tokens.
+def decode_partials(q, scale, qmap, kmr, kc, kn, vc, vn, kcb, vcb, sk, sv, wk, wv, ek, ev, lens, T, G, block=None):
+    """tq_decode.  q (B, H*G, 1, D) raw; the code buffers hold at most T tokens per batch row (full capacity,
+    (B, H, cap, ...)); sk/sv (B, H, SC, D) and wk/wv (B, H, RC, D) fp16 sink and window tokens, ek/ev
+    (B, H, EC, D) exact tokens; lens int32 (B or 1, 4): each row's [coded, sink, window, exact] counts.
+    qmap, kmr: (H or B*H, D(, D)) constants (see tq_decode.metal).
     Returns po (B*H*G, NB+1, D), pm, pl (B*H*G, NB+1) float32."""
     B, H = kn.shape[:2]
     D = q.shape[-1]
@@ -189,7 +194,7 @@ def decode_partials(q, scale, qmap, kmr, kc, kn, vc, vn, kcb, vcb, sk, sv, wk, w
     blk, nb = num_blocks(T, B * H * HG, block)
     rows = B * H * G
     return kernel("tq_decode")(
-        inputs=[q, float(scale), qmap, kmr, kc, kn, vc, vn, kcb, vcb, sk, sv, wk, wv, _params(T, blk, S, R)],
+        inputs=[q, float(scale), qmap, kmr, kc, kn, vc, vn, kcb, vcb, sk, sv, wk, wv, ek, ev, lens, _params(blk)],
         template=[
             ("QT", q.dtype),
             ("NT", kn.dtype),
@@ -208,7 +213,8 @@ def decode_partials(q, scale, qmap, kmr, kc, kn, vc, vn, kcb, vcb, sk, sv, wk, w
 
 
 def merge(po, pm, pl, vmr, omap, sinks, G, out_dtype):
-    """tq_merge: the partials -> normalised output rows (B*H*G, D) in out_dtype, original domain."""
+    """tq_merge: the partials -> normalised output rows (B*H*G, D) in out_dtype, original domain.
+    vmr, omap: (H or B*H, D(, D)) constants (see tq_merge.metal)."""
     rows, _, D = po.shape
     has = sinks is not None
     if not has:

@@ -1,7 +1,8 @@
 """Attention on a TurboQuantKVCache through the Metal kernels of `tq_mlx.kernels`.
 
 - decode (L = 1): tq_decode scores the packed codes (queries rotated inside, split-K blocks as the
-  GPU needs) and the fp16 blocks (sink tokens, the recent window), tq_merge combines the blocks,
+  GPU needs) and the fp16 blocks (sink tokens, the recent window; a batch row's exact tokens too, with
+  each row's own counts and codec constants: `decode_on_kernels`), tq_merge combines the blocks,
   adds the centring means back, rotates the output back and normalises, all with the attention
   sinks: two launches, no host sync, no other op;
 - prefill (L > 1): the codes are dequantized into the stored (rotated) domain with tq_dequant
@@ -38,16 +39,28 @@ def _fp16_inputs(buf, B, H, D):
 
 
 def kernel_decode(cache, queries, scale, sinks=None):
-    """L = 1: tq_decode + tq_merge.  Returns (B, Hq, 1, dv) in queries.dtype, or None (kernel unusable)."""
-    B, Hq, _, D = queries.shape
+    """L = 1 on a TurboQuantKVCache: tq_decode + tq_merge.  (B, Hq, 1, dv) in queries.dtype, or None."""
+    B, _, _, D = queries.shape
     H = cache.n_kv_heads
-    G = Hq // H
-    ck, cv = cache.k_codec, cache.v_codec
     buf = cache.code_buffers()
     sink, window = cache.fp16_buffers()
     sk, sv, S = _fp16_inputs(sink, B, H, D)
     wk, wv, R = _fp16_inputs(window, B, H, D)
+    z = _placeholder((B, H, 1, D))
+    lens = mx.array([[buf.length, S, R, 0]], mx.int32)
+    fp = ((sk, sv), (wk, wv), (z, z))
+    return decode_on_kernels(queries, scale, sinks, cache.k_codec, cache.v_codec, buf, fp, lens, buf.length)
+
+
+def decode_on_kernels(queries, scale, sinks, ck, cv, buf, fp, lens, T):
+    """tq_decode + tq_merge: queries (B, Hq, 1, D) against the codes in `buf` (CodeBuffers: full buffers), the
+    fp tokens fp = ((sink k, v), (window k, v), (exact k, v)) (B, H, capacity, D) and per-row counts lens
+    (B or 1, 4) [coded, sink, window, exact]; T: the most coded tokens of any row.  ck, cv: codecs whose
+    constants are per head or per batch row.  (B, Hq, 1, D) in queries.dtype, or None (kernel unusable)."""
+    B, Hq, _, D = queries.shape
+    G = Hq // buf.k["norm0"].shape[1]
     qmap, omap = ck.kernel_map("query"), cv.kernel_map("output")
+    (sk, sv), (wk, wv), (ek, ev) = fp
 
     def run():
         po, pm, pl = K.decode_partials(
@@ -65,9 +78,10 @@ def kernel_decode(cache, queries, scale, sinks=None):
             sv,
             wk,
             wv,
-            buf.length,
-            S,
-            R,
+            ek,
+            ev,
+            lens,
+            T,
             G,
         )
         return K.merge(po, pm, pl, cv.kernel_mean_rot, omap, sinks, G, queries.dtype)
@@ -76,6 +90,7 @@ def kernel_decode(cache, queries, scale, sinks=None):
         "decode",
         queries.dtype,
         buf.k["norm0"].dtype,
+        ek.dtype,
         D,
         K.bits_of(ck.levels),
         K.bits_of(cv.levels),

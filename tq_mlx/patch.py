@@ -5,7 +5,8 @@ mlx-lm model files bind `scaled_dot_product_attention` by name at import.
 module imported later binds, and in every `mlx_lm.models.*` module already
 loaded.  A call on keys a TurboQuant cache handed out goes to that cache, whatever
 cache the model passed (KV-shared layers pass None or another layer's cache); other
-calls with a TurboQuant cache go to tq_mlx's attention, the rest to mlx-lm's function.
+calls with a TurboQuant cache go to tq_mlx's attention, with a batch of them (mlx-lm's
+batching) to `batch_attention`, the rest to mlx-lm's function.
 `install()` runs on `import tq_mlx`; it is idempotent.
 """
 
@@ -13,6 +14,8 @@ import sys
 
 from . import handouts
 from .attention import attention
+from .batch_attention import batch_attention
+from .batch_cache import BatchTurboQuantKVCache
 from .cache import TurboQuantKVCache
 
 _ORIGINAL = None
@@ -24,6 +27,8 @@ def tq_scaled_dot_product_attention(queries, keys, values, cache, scale, mask, s
     cache = handouts.owner(keys) or cache  # KV shared with another layer: the cache that holds it
     if isinstance(cache, TurboQuantKVCache):
         return attention(cache, queries, scale, mask, sinks, keys, values)
+    if isinstance(cache, BatchTurboQuantKVCache):
+        return batch_attention(cache, queries, scale, mask, sinks, keys, values)
     return _ORIGINAL(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
 
 

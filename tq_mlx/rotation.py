@@ -82,7 +82,7 @@ class HeadRotation:
     """One orthogonal transform per head, applied to x of shape (B, H, T, d).
 
     R = blockdiag(R_1, ..., R_m) P: an optional per-head channel permutation P
-    (perm, int32 (H, d); the outlier split puts its chosen channels first),
+    (perm, int32 (H, d), or (B, H, d) per batch row; the outlier split puts its chosen channels first),
     then one rotation per block of `sizes`.  A block of power-of-two size uses
     a randomized Hadamard transform (only its signs are held); any other size
     a dense Haar matrix.  Seeds come from `seeds[h][block]`.
@@ -117,7 +117,7 @@ class HeadRotation:
     def forward(self, x: mx.array) -> mx.array:
         """y = R x for x (B, H, T, d) float32; same shape."""
         if self.perm is not None:
-            x = mx.take_along_axis(x, self.perm[None, :, None, :], axis=-1)
+            x = mx.take_along_axis(x, self._per_head(self.perm, x), axis=-1)
         out = []
         for xb, (k, data) in zip(self._split(x), self.blocks):
             out.append(mx.hadamard_transform(xb * data) if k == "hadamard" else xb @ mx.swapaxes(data, -1, -2))
@@ -130,8 +130,14 @@ class HeadRotation:
             out.append(mx.hadamard_transform(yb) * data if k == "hadamard" else yb @ data)
         x = out[0] if len(out) == 1 else mx.concatenate(out, axis=-1)
         if self.inv_perm is not None:
-            x = mx.take_along_axis(x, self.inv_perm[None, :, None, :], axis=-1)
+            x = mx.take_along_axis(x, self._per_head(self.inv_perm, x), axis=-1)
         return x
+
+    @staticmethod
+    def _per_head(perm: mx.array, x: mx.array) -> mx.array:
+        """perm (H, d), or (B, H, d) for batch rows with orders of their own, as indices for x (B, H, T, d)."""
+        p = perm.reshape(-1, perm.shape[-2], 1, perm.shape[-1])
+        return mx.broadcast_to(p, (max(p.shape[0], x.shape[0]), p.shape[1], x.shape[2], p.shape[3]))
 
     def matrix(self) -> mx.array:
         """The dense transforms, float32 (H, d, d), with y = x @ M^T (for kernels and tests)."""

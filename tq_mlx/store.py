@@ -120,6 +120,10 @@ class TokenStore:
         self.linearize()
         self.length -= min(n, self.length)
 
+    def clear(self):
+        """Forget every token and the buffers."""
+        self.buffers, self.length, self.start = {}, 0, 0
+
     def load(self, arrays: dict):
         """Replace the contents with arrays of equal token length, in temporal order."""
         self.buffers = dict(arrays)

@@ -147,6 +147,8 @@ class TurboQuant:
     A: w * (x - mean) (or A (x - mean)) is encoded and queries are divided by
     w (or mapped by A^-T), so <q, x> is unchanged while the quantization noise
     is shaped away from the directions queries use most.
+    batch: mean, weight and perm carry a leading batch axis, (B, H, d) and (B, H, d, d): batch rows
+    with calibrations of their own (a batch cache); row b of every input is coded with row b's.
     grid: "lloyd-max" (the TurboQuant codebooks) or "uniform" (MLX's affine
     format on the rotated vectors, so attention uses MLX's quantized kernels).
     use_kernels: encode through the tq_encode Metal kernel where it applies.
@@ -173,6 +175,7 @@ class TurboQuant:
         layer=0,
         part="k",
         use_kernels=False,
+        batch=False,
     ):
         sizes = [d] if sizes is None else list(sizes)
         bits = [bits] if isinstance(bits, int) else list(bits)
@@ -210,15 +213,37 @@ class TurboQuant:
         self._cuts = np.cumsum(sizes)[:-1].tolist()
         self.mean = None if mean is None else mx.array(mean).astype(mx.float32)
         self.weight = None if weight is None else mx.array(weight).astype(mx.float32)
+        self.full_weight = self.weight is not None and self.weight.ndim == 3 + bool(batch)
         self._winv = None
-        if self.weight is not None and self.weight.ndim == 3:
+        if self.full_weight:
             self._winv = mx.array(np.linalg.inv(np.array(self.weight, dtype=np.float64)).astype(np.float32))
-        self.mean_rot = None if mean is None else self.to_stored(self.mean[None, :, None, :])
+        self.mean_rot = None if mean is None else self.to_stored(self._per_head(self.mean))
         self.kernel_encode = use_kernels and self.kernel_reason() is None  # tq_encode, the caller decides
         self._maps = {}
-        zeros = mx.zeros((n_heads, d))
-        self.kernel_mean = self.mean if mean is not None else zeros  # what tq_encode subtracts
-        self.kernel_mean_rot = zeros if mean is None else self.mean_rot[0, :, 0]  # what the decode adds back
+        # the kernels' constant rows: one per head, or per (batch row, head) when a constant has a batch axis
+        rows = [a.shape[0] for a in (mean, weight, perm) if batch and a is not None]
+        self.kernel_rows = n_heads * max(rows, default=1)
+        zeros = mx.zeros((self.kernel_rows, d))
+        # what tq_encode subtracts and the decode adds back: (kernel_rows, d)
+        self.kernel_mean = zeros if mean is None else self._rows(self.mean)
+        self.kernel_mean_rot = zeros if mean is None else self._rows(self.mean_rot)
+
+    def _rows(self, a: mx.array, trailing: int = 1) -> mx.array:
+        """A per-head constant ((B,) H, ..., *tail) with `trailing` tail dims as (kernel_rows, *tail) (row
+        b*H + h), repeated over the batch rows when it has no batch axis."""
+        tail = a.shape[a.ndim - trailing :]
+        a = a.reshape(-1, *tail)
+        if a.shape[0] != self.kernel_rows:
+            a = mx.broadcast_to(a[None], (self.kernel_rows // a.shape[0], *a.shape)).reshape(-1, *tail)
+        return a
+
+    def _per_head(self, a: mx.array) -> mx.array:
+        """A per-head constant (H, d) or (B, H, d) as (1 or B, H, 1, d), to broadcast against (B, H, T, d)."""
+        return a.reshape(-1, self.n_heads, 1, a.shape[-1])
+
+    def _matrices(self, a: mx.array) -> mx.array:
+        """Per-head matrices (H, d, d) or (B, H, d, d) as (1 or B, H, d, d)."""
+        return a.reshape(-1, self.n_heads, self.d, self.d)
 
     @property
     def side_nbytes(self) -> int:
@@ -278,15 +303,15 @@ class TurboQuant:
         return self._maps[which]
 
     def _kernel_map(self, which: str) -> mx.array:
+        """(kernel_rows, d) or (kernel_rows, d, d): per head, or per batch row and head (row b*H + h)."""
         kind, data = self.rotation.blocks[0]
-        diag = self.weight is None or self.weight.ndim == 2
-        if kind == "hadamard" and diag and self.rotation.perm is None and self.d in kernels.HADAMARD_D:
+        if kind == "hadamard" and not self.full_weight and self.rotation.perm is None and self.d in kernels.HADAMARD_D:
             s = data[:, 0, :] / (self.d**0.5)
             w = mx.ones_like(s) if self.weight is None else self.weight
-            return s * w if which == "encode" else s / w
+            return self._rows(s * w if which == "encode" else s / w)
         eye = mx.broadcast_to(mx.eye(self.d)[None, None], (1, self.n_heads, self.d, self.d))
         fn = {"encode": self.to_stored, "query": self.rotate_query, "output": self.unrotate}[which]
-        return mx.swapaxes(fn(eye)[0], -1, -2)
+        return self._rows(mx.swapaxes(fn(eye), -1, -2), 2)
 
     # ---- the codec interface -------------------------------------------------
     def _split(self, y):
@@ -312,7 +337,7 @@ class TurboQuant:
             self.kernel_encode = False  # this instantiation failed: MLX ops from now on
         x = x.astype(mx.float32)
         if self.mean is not None:
-            x = x - self.mean[:, None, :]
+            x = x - self._per_head(self.mean)
         y = self.to_stored(x)
         enc = {}
         for i, (seg, ys) in enumerate(zip(self.segments, self._split(y))):
@@ -338,15 +363,17 @@ class TurboQuant:
     def to_stored(self, x: mx.array) -> mx.array:
         """R (w * x) (or R A x) for x (B, H, T, d): float32."""
         x = x.astype(mx.float32)
-        if self.weight is not None:
-            x = x @ mx.swapaxes(self.weight, -1, -2) if self._winv is not None else x * self.weight[:, None, :]
+        if self.full_weight:
+            x = x @ mx.swapaxes(self._matrices(self.weight), -1, -2)
+        elif self.weight is not None:
+            x = x * self._per_head(self.weight)
         return self.rotation.forward(x)
 
     def rotate_query(self, q: mx.array) -> mx.array:
         """R (q / w) (or R A^-T q) for q (B, H, M, d) (queries grouped per KV head)."""
         q = q.astype(mx.float32)
         if self.weight is not None:
-            q = q @ self._winv if self._winv is not None else q / self.weight[:, None, :]
+            q = q @ self._matrices(self._winv) if self.full_weight else q / self._per_head(self.weight)
         return self.rotation.forward(q)
 
     def scores(self, q_rot: mx.array, enc: dict) -> mx.array:
@@ -365,4 +392,6 @@ class TurboQuant:
         x = self.rotation.inverse(acc)
         if self.weight is None:
             return x
-        return x @ mx.swapaxes(self._winv, -1, -2) if self._winv is not None else x / self.weight[:, None, :]
+        if self.full_weight:
+            return x @ mx.swapaxes(self._matrices(self._winv), -1, -2)
+        return x / self._per_head(self.weight)
