@@ -25,8 +25,9 @@ from .affine_segment import AffineSegment
 from .codec import NORM_DTYPES
 from .packing import pack, packed_words, unpack
 from .rotation import HeadRotation, derive_seed, rotation_matrix
+from .trellis import ENCODE_BLOCK, TrellisSegment
 
-GRIDS = ("lloyd-max", "uniform")
+GRIDS = ("lloyd-max", "uniform", "trellis")
 QJL_KINDS = ("gaussian", "orthogonal")
 
 
@@ -147,8 +148,9 @@ class TurboQuant:
     A: w * (x - mean) (or A (x - mean)) is encoded and queries are divided by
     w (or mapped by A^-T), so <q, x> is unchanged while the quantization noise
     is shaped away from the directions queries use most.
-    grid: "lloyd-max" (the TurboQuant codebooks) or "uniform" (MLX's affine
-    format on the rotated vectors, so attention uses MLX's quantized kernels).
+    grid: "lloyd-max" (the TurboQuant codebooks), "uniform" (MLX's affine
+    format on the rotated vectors, so attention uses MLX's quantized kernels)
+    or "trellis" (trellis-coded: the same bits, lower error; trellis.py).
     use_kernels: encode through the tq_encode Metal kernel where it applies.
     Research options (not in CodecSpec): qjl_kind, norm_dtype, norm_correction.
     """
@@ -191,10 +193,12 @@ class TurboQuant:
         self.rotation = HeadRotation(blocks, seeds, rotation, perm)
         if grid not in GRIDS:
             raise ValueError(f"grid {grid!r} unsupported; allowed: {GRIDS}")
+        if grid != "lloyd-max" and qjl:
+            raise ValueError(f"the {grid} grid has no QJL variant")
         if grid == "uniform":
-            if qjl:
-                raise ValueError("the uniform grid has no QJL variant")
             self.segments = [AffineSegment(n, b) for n, b in zip(sizes, bits)]
+        elif grid == "trellis":
+            self.segments = [TrellisSegment(n, b, norm_correction) for n, b in zip(sizes, bits)]
         else:
             self.segments = [
                 Segment(
@@ -208,6 +212,7 @@ class TurboQuant:
                 for i, (n, b) in enumerate(zip(sizes, bits))
             ]
         self._cuts = np.cumsum(sizes)[:-1].tolist()
+        self.encode_block = ENCODE_BLOCK if grid == "trellis" else 1
         self.mean = None if mean is None else mx.array(mean).astype(mx.float32)
         self.weight = None if weight is None else mx.array(weight).astype(mx.float32)
         self._winv = None
@@ -256,6 +261,8 @@ class TurboQuant:
         seg = self.segments[0]
         if isinstance(seg, AffineSegment):
             return "the uniform grid (MLX's quantized kernels serve it)"
+        if isinstance(seg, TrellisSegment):
+            return "the trellis grid (no Metal kernel reads trellis codes yet)"
         if seg.qjl:
             return "QJL"
         if self.d not in kernels.SUPPORTED_D:
