@@ -30,23 +30,24 @@ ASSUMPTIONS = {
 }
 
 
-def instructions_per_key_row(D: int, kb: int, vb: int, G: int) -> float:
+def instructions_per_key_row(D: int, kb: int, vb: int, G: int, k_trellis=False, v_trellis=False) -> float:
     """tq_decode's instruction count per key row (per simdgroup step over KPI keys), by the same hand count
-    as the comment in metal_kernels/tq_decode.metal (78 at D=128, G=4, 4/4 bits)."""
+    as the comment in metal_kernels/tq_decode.metal (78 at D=128, G=4, 4/4 bits; 87 with trellis codes)."""
     nc = D // 8
     lpk = 8 if nc <= 8 else 16 if nc <= 16 else 32
     kpi = 32 // lpk
     gh = 1 if G == 1 else 2 if G == 2 else 4
 
-    def unpack(b, addr):  # row address, loads (+ a funnel shift across words), 8 codes, lookups, norm
+    def unpack(b, addr, trellis):  # row address, loads (+ a funnel shift across words), 8 codes, lookups, norm
         words = 1 if 8 * b <= 32 else 2
         funnel = 0 if 32 % (8 * b) == 0 or 8 * b == 64 else 6
-        return addr + words + funnel + 15 + 8 + 2
+        windows = 9 if trellis else 0  # previous chunk's bits: shuffle, shift, 3 to join, 4 more to cut
+        return addr + words + funnel + 15 + windows + 8 + 2
 
     stages = gh.bit_length() - 1
     reduce = sum(4 * (gh >> (s + 1)) for s in range(stages)) + 2 * ((lpk // gh).bit_length() - 1)
     scores, accumulate, weights, softmax, loop = 8 * gh, 8 * gh, 2 * gh, 8, 3
-    step = unpack(kb, 3) + unpack(vb, 2) + scores + reduce + softmax + weights + accumulate + loop
+    step = unpack(kb, 3, k_trellis) + unpack(vb, 2, v_trellis) + scores + reduce + softmax + weights + accumulate + loop
     return step / kpi
 
 
@@ -159,7 +160,9 @@ def main(argv=None):
 
         cfg = tq_mlx.resolve_config(preset)
         n, kernels_n = count_launches(preset, H, D, G)
-        instr = instructions_per_key_row(D, int(cfg.keys.bits), int(cfg.values.bits), G)
+        instr = instructions_per_key_row(
+            D, int(cfg.keys.bits), int(cfg.values.bits), G, cfg.keys.grid == "trellis", cfg.values.grid == "trellis"
+        )
         per[preset] = {"launches": n, "kernel_launches": kernels_n, "instructions_per_key_row": instr}
     for T in contexts:
         fp_bytes = 2 * H * T * D * 2

@@ -84,10 +84,6 @@ def test_trellis_presets_and_their_limits():
         tq_mlx.CodecSpec(bits=4, qjl=True, grid="trellis")
 
 
-def test_the_metal_kernels_say_they_do_not_read_trellis_codes():
-    assert "trellis" in TurboQuant(128, 1, 4, grid="trellis").kernel_reason()
-
-
 def test_a_trellis_cache_stages_decode_tokens_and_encodes_them_in_blocks():
     cache = tq_mlx.TurboQuantKVCache(tq_mlx.resolve_config("k4v4-tcq", quant_start=0))
     k, v = (mx.random.normal((1, 1, 40, 64), key=mx.random.key(i)) for i in (8, 9))

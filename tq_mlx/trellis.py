@@ -148,7 +148,8 @@ class TrellisSegment:
     def __init__(self, n: int, bits: int, norm_correction: bool = True):
         self.n, self.bits, self.mse_bits = n, bits, bits
         self.norm_correction = norm_correction
-        self.table = table(bits)
+        self.table = self.levels = table(bits)  # what the kernels read as the codebook
+        self.window = window_bits(bits)
 
     side_nbytes = 0  # the table is one per width for the whole process (at most 4 KiB), as the codebooks
 

@@ -50,6 +50,8 @@ def _sign_pm(words: mx.array, n: int) -> mx.array:
 class Segment:
     """One TurboQuant instance over `n` rotated coordinates: mse at `mse_bits` (0 = none) plus optional QJL."""
 
+    window = 0  # codes index the codebook directly (trellis codes: their window bits)
+
     def __init__(self, n, bits, qjl, qjl_kind, qjl_seeds, norm_correction):
         self.n, self.bits, self.qjl = n, bits, qjl
         self.mse_bits = bits - 1 if qjl else bits
@@ -219,7 +221,8 @@ class TurboQuant:
         if self.weight is not None and self.weight.ndim == 3:
             self._winv = mx.array(np.linalg.inv(np.array(self.weight, dtype=np.float64)).astype(np.float32))
         self.mean_rot = None if mean is None else self.to_stored(self.mean[None, :, None, :])
-        self.kernel_encode = use_kernels and self.kernel_reason() is None  # tq_encode, the caller decides
+        # tq_encode (Lloyd-Max codes only); the caller decides
+        self.kernel_encode = use_kernels and self.kernel_reason() is None and grid == "lloyd-max"
         self._maps = {}
         zeros = mx.zeros((n_heads, d))
         self.kernel_mean = self.mean if mean is not None else zeros  # what tq_encode subtracts
@@ -254,15 +257,13 @@ class TurboQuant:
 
     # ---- what the Metal kernels read ---------------------------------------
     def kernel_reason(self):
-        """None when the kernels read these codes (one Lloyd-Max segment, no QJL, 1..8 bits,
+        """None when the kernels read these codes (one Lloyd-Max or trellis segment, no QJL, 1..8 bits,
         d in kernels.SUPPORTED_D), else a short reason."""
         if len(self.segments) != 1:
             return f"{len(self.segments)} segments (outlier split)"
         seg = self.segments[0]
         if isinstance(seg, AffineSegment):
             return "the uniform grid (MLX's quantized kernels serve it)"
-        if isinstance(seg, TrellisSegment):
-            return "the trellis grid (no Metal kernel reads trellis codes yet)"
         if seg.qjl:
             return "QJL"
         if self.d not in kernels.SUPPORTED_D:
@@ -271,8 +272,14 @@ class TurboQuant:
 
     @property
     def levels(self) -> mx.array:
-        """The Lloyd-Max codebook of the single segment, float32 (2**bits,) (see kernel_reason)."""
+        """The Lloyd-Max codebook (or trellis table) of the single segment, float32 (see kernel_reason)."""
         return self.segments[0].levels
+
+    @property
+    def kernel_format(self) -> tuple:
+        """(code bits, trellis window bits or 0) of the single segment, as the kernels take them."""
+        seg = self.segments[0]
+        return seg.mse_bits, seg.window
 
     def kernel_map(self, which: str) -> mx.array:
         """The transform a kernel applies, float32: "encode" y = T(x - mean), "query" q' = T q (the stored
