@@ -72,7 +72,9 @@ def modelled_ms(nbytes: int, launches: int, instr: float = 0.0, chip=(400, 38, 1
 
 
 def count_launches(preset: str, H: int, D: int, G: int):
-    """(launches of one kernel-path decode step, its CustomKernel count) for a small cache of `preset`."""
+    """(launches of one kernel-path decode step, its CustomKernel count) for a small cache of `preset`.
+    A codec that encodes E staged tokens at a time (trellis codes) is counted as the mean over E steps:
+    E - 1 staging steps and the step that encodes."""
     import tq_mlx
     from tq_mlx.attention import attention
 
@@ -81,11 +83,19 @@ def count_launches(preset: str, H: int, D: int, G: int):
     cache.update_and_fetch(k, k)
     mx.eval(attention(cache, mx.random.normal((1, H * G, 80, D)).astype(mx.float16), D**-0.5, "causal"))
     for c in (cache.k_codec, cache.v_codec):  # encoded on this CPU; the traced step encodes with tq_encode
-        c.kernel_encode = c.kernel_reason() is None
+        c.kernel_encode = c.kernel_encodes()
     q = mx.random.normal((1, H * G, 1, D)).astype(mx.float16)
     x = mx.random.normal((1, H, 1, D)).astype(mx.float16)
     launches, _ = trace_step(cache, q, x, x, D**-0.5, "metal")
-    return sum(launches.values()), launches["CustomKernel"]
+    E = cache._block
+    if E == 1:
+        return sum(launches.values()), launches["CustomKernel"]
+    while cache.window.length < cache.window_size + E - 1:  # to the step that encodes
+        cache.update_and_fetch(x, x)
+        mx.eval(attention(cache, q, D**-0.5))
+    encoding, _ = trace_step(cache, q, x, x, D**-0.5, "metal")
+    total = ((E - 1) * sum(launches.values()) + sum(encoding.values())) / E
+    return total, launches["CustomKernel"]
 
 
 def _time(fn, repeats):
@@ -238,6 +248,9 @@ def main(argv=None):
                     "- latency = max(KV bytes / (efficiency x peak bandwidth), key rows x instructions per key row /"
                     " (cores x issue x clock)) + launches x launch cost; fp16 at its bandwidth floor only;",
                     "- instructions per key row: the hand count in metal_kernels/tq_decode.metal, not a compiler's;",
+                    "- trellis (-tcq) presets: launches are the mean over 16 steps, 15 staging and one running the"
+                    " Viterbi search in MLX ops, counted as traced primitives before mx.compile fuses element-wise"
+                    " ones (an upper bound);",
                     "- nothing here ran on a Mac unless the 'Measured' table is present.",
                 ]
             ),

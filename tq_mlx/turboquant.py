@@ -221,8 +221,7 @@ class TurboQuant:
         if self.weight is not None and self.weight.ndim == 3:
             self._winv = mx.array(np.linalg.inv(np.array(self.weight, dtype=np.float64)).astype(np.float32))
         self.mean_rot = None if mean is None else self.to_stored(self.mean[None, :, None, :])
-        # tq_encode (Lloyd-Max codes only); the caller decides
-        self.kernel_encode = use_kernels and self.kernel_reason() is None and grid == "lloyd-max"
+        self.kernel_encode = use_kernels and self.kernel_encodes()  # the caller decides
         self._maps = {}
         zeros = mx.zeros((n_heads, d))
         self.kernel_mean = self.mean if mean is not None else zeros  # what tq_encode subtracts
@@ -269,6 +268,10 @@ class TurboQuant:
         if self.d not in kernels.SUPPORTED_D:
             return f"head_dim {self.d} not in {kernels.SUPPORTED_D}"
         return None
+
+    def kernel_encodes(self) -> bool:
+        """Whether tq_encode can write these codes (Lloyd-Max only: trellis codes need the Viterbi search)."""
+        return self.kernel_reason() is None and not self.segments[0].window
 
     @property
     def levels(self) -> mx.array:
