@@ -30,23 +30,24 @@ ASSUMPTIONS = {
 }
 
 
-def instructions_per_key_row(D: int, kb: int, vb: int, G: int) -> float:
+def instructions_per_key_row(D: int, kb: int, vb: int, G: int, k_trellis=False, v_trellis=False) -> float:
     """tq_decode's instruction count per key row (per simdgroup step over KPI keys), by the same hand count
-    as the comment in metal_kernels/tq_decode.metal (78 at D=128, G=4, 4/4 bits)."""
+    as the comment in metal_kernels/tq_decode.metal (78 at D=128, G=4, 4/4 bits; 87 with trellis codes)."""
     nc = D // 8
     lpk = 8 if nc <= 8 else 16 if nc <= 16 else 32
     kpi = 32 // lpk
     gh = 1 if G == 1 else 2 if G == 2 else 4
 
-    def unpack(b, addr):  # row address, loads (+ a funnel shift across words), 8 codes, lookups, norm
+    def unpack(b, addr, trellis):  # row address, loads (+ a funnel shift across words), 8 codes, lookups, norm
         words = 1 if 8 * b <= 32 else 2
         funnel = 0 if 32 % (8 * b) == 0 or 8 * b == 64 else 6
-        return addr + words + funnel + 15 + 8 + 2
+        windows = 9 if trellis else 0  # previous chunk's bits: shuffle, shift, 3 to join, 4 more to cut
+        return addr + words + funnel + 15 + windows + 8 + 2
 
     stages = gh.bit_length() - 1
     reduce = sum(4 * (gh >> (s + 1)) for s in range(stages)) + 2 * ((lpk // gh).bit_length() - 1)
     scores, accumulate, weights, softmax, loop = 8 * gh, 8 * gh, 2 * gh, 8, 3
-    step = unpack(kb, 3) + unpack(vb, 2) + scores + reduce + softmax + weights + accumulate + loop
+    step = unpack(kb, 3, k_trellis) + unpack(vb, 2, v_trellis) + scores + reduce + softmax + weights + accumulate + loop
     return step / kpi
 
 
@@ -71,7 +72,9 @@ def modelled_ms(nbytes: int, launches: int, instr: float = 0.0, chip=(400, 38, 1
 
 
 def count_launches(preset: str, H: int, D: int, G: int):
-    """(launches of one kernel-path decode step, its CustomKernel count) for a small cache of `preset`."""
+    """(launches of one kernel-path decode step, its CustomKernel count) for a small cache of `preset`.
+    A codec that encodes E staged tokens at a time (trellis codes) is counted as the mean over E steps:
+    E - 1 staging steps and the step that encodes."""
     import tq_mlx
     from tq_mlx.attention import attention
 
@@ -80,11 +83,19 @@ def count_launches(preset: str, H: int, D: int, G: int):
     cache.update_and_fetch(k, k)
     mx.eval(attention(cache, mx.random.normal((1, H * G, 80, D)).astype(mx.float16), D**-0.5, "causal"))
     for c in (cache.k_codec, cache.v_codec):  # encoded on this CPU; the traced step encodes with tq_encode
-        c.kernel_encode = c.kernel_reason() is None
+        c.kernel_encode = c.kernel_encodes()
     q = mx.random.normal((1, H * G, 1, D)).astype(mx.float16)
     x = mx.random.normal((1, H, 1, D)).astype(mx.float16)
     launches, _ = trace_step(cache, q, x, x, D**-0.5, "metal")
-    return sum(launches.values()), launches["CustomKernel"]
+    E = cache._block
+    if E == 1:
+        return sum(launches.values()), launches["CustomKernel"]
+    while cache.window.length < cache.window_size + E - 1:  # to the step that encodes
+        cache.update_and_fetch(x, x)
+        mx.eval(attention(cache, q, D**-0.5))
+    encoding, _ = trace_step(cache, q, x, x, D**-0.5, "metal")
+    total = ((E - 1) * sum(launches.values()) + sum(encoding.values())) / E
+    return total, launches["CustomKernel"]
 
 
 def _time(fn, repeats):
@@ -159,7 +170,9 @@ def main(argv=None):
 
         cfg = tq_mlx.resolve_config(preset)
         n, kernels_n = count_launches(preset, H, D, G)
-        instr = instructions_per_key_row(D, int(cfg.keys.bits), int(cfg.values.bits), G)
+        instr = instructions_per_key_row(
+            D, int(cfg.keys.bits), int(cfg.values.bits), G, cfg.keys.grid == "trellis", cfg.values.grid == "trellis"
+        )
         per[preset] = {"launches": n, "kernel_launches": kernels_n, "instructions_per_key_row": instr}
     for T in contexts:
         fp_bytes = 2 * H * T * D * 2
@@ -235,6 +248,9 @@ def main(argv=None):
                     "- latency = max(KV bytes / (efficiency x peak bandwidth), key rows x instructions per key row /"
                     " (cores x issue x clock)) + launches x launch cost; fp16 at its bandwidth floor only;",
                     "- instructions per key row: the hand count in metal_kernels/tq_decode.metal, not a compiler's;",
+                    "- trellis (-tcq) presets: launches are the mean over 16 steps, 15 staging and one running the"
+                    " Viterbi search in MLX ops, counted as traced primitives before mx.compile fuses element-wise"
+                    " ones (an upper bound);",
                     "- nothing here ran on a Mac unless the 'Measured' table is present.",
                 ]
             ),

@@ -210,6 +210,11 @@ def test_chunked_attention_caches_are_refused_with_a_clear_error():
         TurboQuantKVCache.merge([TurboQuantKVCache("k4v4", chunk_size=32) for _ in range(2)])
 
 
+def test_trellis_caches_are_refused_with_a_clear_error():
+    with pytest.raises(NotImplementedError, match="trellis.*batch with"):
+        TurboQuantKVCache.merge([TurboQuantKVCache("k4v4-tcq") for _ in range(2)])
+
+
 def test_a_mask_that_is_not_a_batch_mask_is_refused():
     batch = TurboQuantKVCache.merge([single(T=8), single(T=5)])
     batch.update_and_fetch(rand((2, H, 1, D), 1), rand((2, H, 1, D), 2))

@@ -60,6 +60,11 @@ class BatchTurboQuantKVCache(_BaseCache):
                 )
         if first.chunk_size is not None:
             raise NotImplementedError("chunked-attention TurboQuant caches (llama4) do not batch yet")
+        if "trellis" in (first.config.keys.grid, first.config.values.grid):
+            raise NotImplementedError(
+                f"{first.config.name!r}: trellis-coded caches (-tcq, staged encodes) do not batch yet; "
+                "batch with a Lloyd-Max, uniform (-fast), HQMQ or fp16 preset (e.g. 'k4v4', 'k4v4-fast')"
+            )
         shapes = {c.shape[1:] for c in caches if c.shape is not None}
         dtypes = {c.dtype for c in caches if c.dtype is not None}
         if len(shapes) > 1 or len(dtypes) > 1:

@@ -15,7 +15,9 @@ into mlx-lm by `tq_mlx.patch`) reads the cache's blocks instead.
    token moves out: the first `fp_sink` into the fp16 `sink` store, the newest
    `fp_window` into the fp16 `window` store, the rest into `codes`.
 3. Compressed phase.  A new token goes into the window (whose oldest token is
-   encoded into codes), or straight into codes when there is no window.
+   encoded into codes), or straight into codes when there is no window.  A codec
+   with a slow encoder (trellis codes: `encode_block` > 1) has its tokens staged in
+   the window, in fp16, until `encode_block` of them can be encoded together.
 4. What `update_and_fetch` hands back.  At first, the whole cache as arrays (the exact
    tokens, or their codes decoded: lazily, so nothing is computed unless the model reads
    them), so a model that attends by itself (hand-written softmax, MLA's rope scores, KV
@@ -253,8 +255,13 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
         n = tokens["k"].shape[2]
         if n == 0:
             return
-        R, win = self.window_size, self.window
+        R, win, E = self.window_size, self.window, self._block
         half = {k: v.astype(mx.float16) for k, v in tokens.items()}
+        if E > 1:  # staged: encoded E or more at a time, the newest R kept
+            win.append(half)
+            if win.length >= R + E:
+                self.codes.append(self._encode(win.take_front(win.length - R)))
+            return
         if R == 0:
             self.codes.append(self._encode(tokens))
         elif n == 1 and win.length == R:  # a decode step: the oldest window token goes to codes
@@ -270,10 +277,25 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
         return (
             n == 1
             and self.calibrated
+            and self._block == 1
             and self.codes.length == self.codes.ring[0]
             and self.window.length == self.window_size
             and self.exact.length == 0
         )
+
+    @property
+    def _block(self) -> int:
+        """Tokens the codecs encode together (1 before calibration)."""
+        return max((c.encode_block for c in (self.k_codec, self.v_codec) if c is not None), default=1)
+
+    def _configure_window(self):
+        """Once the codecs are known: a codec that encodes in blocks stages tokens in a window that grows
+        to window_size + block - 1 tokens (not a ring); its contents are kept."""
+        E = self._block
+        if E > 1 and (self.window.ring is not None or self.window.step != E):
+            staged = TokenStore(step=E)
+            staged.load(self.window.ordered())
+            self.window = staged
 
     @property
     def _keeps_front(self) -> bool:
@@ -341,7 +363,8 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
         self.v_codec = build_codec(cfg.values, cfg, dv, h, self.layer, "v", Calibration(values), use)
         mx.eval([c.constants() for c in (self.k_codec, self.v_codec)])  # ready, and usable from any thread
         self.calibration_length, self.qstats = n, None
-        self.exact.clear()
+        self.exact.clear()  # in place: a batch row's store is a row of the batch's
+        self._configure_window()
         self._store(tokens)
 
     # ---- what attention reads -------------------------------------------------

@@ -91,6 +91,8 @@ class HQMQ:
     previous codec's `median`, or None to take it from the first encode.
     """
 
+    encode_block = 1
+
     def __init__(
         self,
         d,

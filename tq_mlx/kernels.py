@@ -135,6 +135,11 @@ def bits_of(table: mx.array) -> int:
     return int(table.shape[0]).bit_length() - 1
 
 
+def _format(table: mx.array, fmt):
+    """(code bits, trellis window bits or 0): `fmt`, or a Lloyd-Max codebook's (bits_of(table), 0)."""
+    return (bits_of(table), 0) if fmt is None else tuple(fmt)
+
+
 def heads_per_group(G: int) -> int:
     """Query heads per tq_decode threadgroup: 1, 2 or 4 (registers hold 8 dims x this many heads)."""
     return 1 if G == 1 else 2 if G == 2 else 4
@@ -181,12 +186,16 @@ def encode(x, mean, tmap, levels, edges, norm_dtype=mx.float16, norm_correction=
     return codes.reshape(B, H, L, words), norm.reshape(B, H, L)
 
 
-def decode_partials(q, scale, qmap, kmr, kc, kn, vc, vn, kcb, vcb, sk, sv, wk, wv, ek, ev, lens, T, G, block=None):
+def decode_partials(
+    q, scale, qmap, kmr, kc, kn, vc, vn, kcb, vcb, sk, sv, wk, wv, ek, ev, lens, T, G, block=None, kfmt=None, vfmt=None
+):
     """tq_decode.  q (B, H*G, 1, D) raw; the code buffers hold at most T tokens per batch row (full capacity,
     (B, H, cap, ...)); sk/sv (B, H, SC, D) and wk/wv (B, H, RC, D) fp16 sink and window tokens, ek/ev
     (B, H, EC, D) exact tokens; lens int32 (B or 1, 4): each row's [coded, sink, window, exact] counts.
-    qmap, kmr: (H or B*H, D(, D)) constants (see tq_decode.metal).
+    qmap, kmr: (H or B*H, D(, D)) constants (see tq_decode.metal); kfmt / vfmt: (code bits, trellis window
+    bits) when kcb / vcb are trellis tables.
     Returns po (B*H*G, NB+1, D), pm, pl (B*H*G, NB+1) float32."""
+    (kb, kl), (vb, vl) = _format(kcb, kfmt), _format(vcb, vfmt)
     B, H = kn.shape[:2]
     D = q.shape[-1]
     GH = heads_per_group(G)
@@ -199,8 +208,10 @@ def decode_partials(q, scale, qmap, kmr, kc, kn, vc, vn, kcb, vcb, sk, sv, wk, w
             ("QT", q.dtype),
             ("NT", kn.dtype),
             ("D", D),
-            ("KB", bits_of(kcb)),
-            ("VB", bits_of(vcb)),
+            ("KB", kb),
+            ("VB", vb),
+            ("KL", kl),
+            ("VL", vl),
             ("G", G),
             ("GH", GH),
             ("ROT", int(qmap.ndim == 3)),
@@ -232,13 +243,15 @@ def merge(po, pm, pl, vmr, omap, sinks, G, out_dtype):
     )[0]
 
 
-def dequantize(codes, norm, cb, T: int, D: int, out_dtype=mx.float16, rows_per_tg: int = 8):
-    """tq_dequant: codes (B, H, cap, W) + norms (B, H, cap) -> n * c[idx] (B, H, T, D) in out_dtype."""
+def dequantize(codes, norm, cb, T: int, D: int, out_dtype=mx.float16, rows_per_tg: int = 8, fmt=None):
+    """tq_dequant: codes (B, H, cap, W) + norms (B, H, cap) -> n * c[idx] (B, H, T, D) in out_dtype;
+    fmt: (code bits, trellis window bits) when cb is a trellis table."""
     B, H = norm.shape[:2]
+    bits, window = _format(cb, fmt)
     nc = D // 8
     (y,) = kernel("tq_dequant")(
         inputs=[codes, norm, cb, _params(T)],
-        template=[("NT", norm.dtype), ("OT", out_dtype), ("D", D), ("BITS", bits_of(cb))],
+        template=[("NT", norm.dtype), ("OT", out_dtype), ("D", D), ("BITS", bits), ("TL", window)],
         grid=(nc, B * H * T, 1),
         threadgroup=(nc, rows_per_tg, 1),
         output_shapes=[(B, H, T, D)],

@@ -25,8 +25,9 @@ from .affine_segment import AffineSegment
 from .codec import NORM_DTYPES
 from .packing import pack, packed_words, unpack
 from .rotation import HeadRotation, derive_seed, rotation_matrix
+from .trellis import ENCODE_BLOCK, TrellisSegment
 
-GRIDS = ("lloyd-max", "uniform")
+GRIDS = ("lloyd-max", "uniform", "trellis")
 QJL_KINDS = ("gaussian", "orthogonal")
 
 
@@ -48,6 +49,8 @@ def _sign_pm(words: mx.array, n: int) -> mx.array:
 
 class Segment:
     """One TurboQuant instance over `n` rotated coordinates: mse at `mse_bits` (0 = none) plus optional QJL."""
+
+    window = 0  # codes index the codebook directly (trellis codes: their window bits)
 
     def __init__(self, n, bits, qjl, qjl_kind, qjl_seeds, norm_correction):
         self.n, self.bits, self.qjl = n, bits, qjl
@@ -149,8 +152,9 @@ class TurboQuant:
     is shaped away from the directions queries use most.
     batch: mean, weight and perm carry a leading batch axis, (B, H, d) and (B, H, d, d): batch rows
     with calibrations of their own (a batch cache); row b of every input is coded with row b's.
-    grid: "lloyd-max" (the TurboQuant codebooks) or "uniform" (MLX's affine
-    format on the rotated vectors, so attention uses MLX's quantized kernels).
+    grid: "lloyd-max" (the TurboQuant codebooks), "uniform" (MLX's affine
+    format on the rotated vectors, so attention uses MLX's quantized kernels)
+    or "trellis" (trellis-coded: the same bits, lower error; trellis.py).
     use_kernels: encode through the tq_encode Metal kernel where it applies.
     Research options (not in CodecSpec): qjl_kind, norm_dtype, norm_correction.
     """
@@ -194,10 +198,12 @@ class TurboQuant:
         self.rotation = HeadRotation(blocks, seeds, rotation, perm)
         if grid not in GRIDS:
             raise ValueError(f"grid {grid!r} unsupported; allowed: {GRIDS}")
+        if grid != "lloyd-max" and qjl:
+            raise ValueError(f"the {grid} grid has no QJL variant")
         if grid == "uniform":
-            if qjl:
-                raise ValueError("the uniform grid has no QJL variant")
             self.segments = [AffineSegment(n, b) for n, b in zip(sizes, bits)]
+        elif grid == "trellis":
+            self.segments = [TrellisSegment(n, b, norm_correction) for n, b in zip(sizes, bits)]
         else:
             self.segments = [
                 Segment(
@@ -211,6 +217,7 @@ class TurboQuant:
                 for i, (n, b) in enumerate(zip(sizes, bits))
             ]
         self._cuts = np.cumsum(sizes)[:-1].tolist()
+        self.encode_block = ENCODE_BLOCK if grid == "trellis" else 1
         self.mean = None if mean is None else mx.array(mean).astype(mx.float32)
         self.weight = None if weight is None else mx.array(weight).astype(mx.float32)
         self.full_weight = self.weight is not None and self.weight.ndim == 3 + bool(batch)
@@ -218,7 +225,7 @@ class TurboQuant:
         if self.full_weight:
             self._winv = mx.array(np.linalg.inv(np.array(self.weight, dtype=np.float64)).astype(np.float32))
         self.mean_rot = None if mean is None else self.to_stored(self._per_head(self.mean))
-        self.kernel_encode = use_kernels and self.kernel_reason() is None  # tq_encode, the caller decides
+        self.kernel_encode = use_kernels and self.kernel_encodes()  # the caller decides
         self._maps = {}
         # the kernels' constant rows: one per head, or per (batch row, head) when a constant has a batch axis
         rows = [a.shape[0] for a in (mean, weight, perm) if batch and a is not None]
@@ -274,7 +281,7 @@ class TurboQuant:
 
     # ---- what the Metal kernels read ---------------------------------------
     def kernel_reason(self):
-        """None when the kernels read these codes (one Lloyd-Max segment, no QJL, 1..8 bits,
+        """None when the kernels read these codes (one Lloyd-Max or trellis segment, no QJL, 1..8 bits,
         d in kernels.SUPPORTED_D), else a short reason."""
         if len(self.segments) != 1:
             return f"{len(self.segments)} segments (outlier split)"
@@ -287,10 +294,20 @@ class TurboQuant:
             return f"head_dim {self.d} not in {kernels.SUPPORTED_D}"
         return None
 
+    def kernel_encodes(self) -> bool:
+        """Whether tq_encode can write these codes (Lloyd-Max only: trellis codes need the Viterbi search)."""
+        return self.kernel_reason() is None and not self.segments[0].window
+
     @property
     def levels(self) -> mx.array:
-        """The Lloyd-Max codebook of the single segment, float32 (2**bits,) (see kernel_reason)."""
+        """The Lloyd-Max codebook (or trellis table) of the single segment, float32 (see kernel_reason)."""
         return self.segments[0].levels
+
+    @property
+    def kernel_format(self) -> tuple:
+        """(code bits, trellis window bits or 0) of the single segment, as the kernels take them."""
+        seg = self.segments[0]
+        return seg.mse_bits, seg.window
 
     def kernel_map(self, which: str) -> mx.array:
         """The transform a kernel applies, float32: "encode" y = T(x - mean), "query" q' = T q (the stored
