@@ -14,7 +14,10 @@ Every mlx_lm.server flag works (its own main() runs, see `mlx_lm_hook`), plus --
   model's context (400, code context_length_exceeded);
 - Ctrl-C stops it cleanly, also in the middle of an answer.
 
-TurboQuant caches have no `merge`, so mlx-lm serves requests one at a time (no batching).
+Requests are batched as mlx-lm batches them (its server decides from `merge`, which TurboQuant
+caches have: `BatchTurboQuantKVCache`): concurrent requests decode together, each on its own
+compressed cache; the batch's new caches are TurboQuant caches too (mlx-lm's BatchGenerator makes
+them with `mlx_lm.generate.make_prompt_cache`, replaced while serving).
 """
 
 import importlib
@@ -32,6 +35,7 @@ from . import mlx_lm_hook
 from .bundled import BUNDLED, DEFAULT_MODEL
 
 mlx_server = importlib.import_module("mlx_lm.server")
+mlx_generate = importlib.import_module("mlx_lm.generate")
 COMPLETION_PATHS = ("/v1/completions", "/v1/chat/completions", "/chat/completions")
 _TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 411: "invalid_request_error", 503: "server_error"}
 
@@ -252,7 +256,8 @@ def run(host, port, model_provider, server_class=ThreadingHTTPServer, handler_cl
     _started = True
     args = model_provider.cli_args
     prompt_cache = mlx_server.LRUPromptCache(args.prompt_cache_size, args.prompt_cache_bytes)
-    generator = ResponseGenerator(model_provider, prompt_cache)
+    saved, mlx_generate.make_prompt_cache = mlx_generate.make_prompt_cache, mlx_server.make_prompt_cache
+    generator = ResponseGenerator(model_provider, prompt_cache)  # BatchGenerator's new caches: TurboQuant
     try:
         if mx.distributed.init().rank() == 0:
             mlx_server._run_http_server(host, port, generator, server_class, handler_class)
@@ -260,6 +265,7 @@ def run(host, port, model_provider, server_class=ThreadingHTTPServer, handler_cl
             generator.join()
     finally:
         generator.stop_and_join()
+        mlx_generate.make_prompt_cache = saved
 
 
 def _exit(status: int):

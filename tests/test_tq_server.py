@@ -4,6 +4,7 @@ at once, bad requests, Ctrl-C; and the prompt cache it reuses prefixes from."""
 import copy
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -303,6 +304,8 @@ def test_four_clients_at_once_each_get_their_own_answer(cold):
         t.join(TIMEOUT)
     assert [tokens(r) for r in results] == alone
     assert len({r["id"] for r in results}) == len(questions)
+    together = [int(n) for n in re.findall(r"tq_mlx: (\d+) sequence\(s\) decode together", cold.log())]
+    assert max(together, default=0) >= 2, "the concurrent requests were not batched"
 
 
 # ---- bad requests ---------------------------------------------------------------------------

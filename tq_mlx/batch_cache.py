@@ -27,7 +27,7 @@ from mlx_lm.models.cache import _BaseCache
 from . import kernels
 from .batch_codecs import stacked
 from .batch_row import STORES, BatchRow, copy_rows
-from .cache import TurboQuantKVCache
+from .cache import TurboQuantKVCache, check_pair
 from .codec import check_input, nonfinite_message
 from .codec_factory import check_dims
 from .ragged_store import RaggedStore
@@ -193,12 +193,7 @@ class BatchTurboQuantKVCache(_BaseCache):
         return keys, values
 
     def _check(self, keys, values):
-        if keys.ndim != 4 or values.ndim != 4 or keys.shape[:3] != values.shape[:3]:
-            raise ValueError(
-                f"keys and values must be (B, H, L, d) with equal B, H, L; got {keys.shape} and {values.shape}"
-            )
-        if keys.dtype != values.dtype:
-            raise TypeError(f"keys ({keys.dtype}) and values ({values.dtype}) must share a dtype")
+        check_pair(keys, values)
         b, h, n, dk = keys.shape
         if b != self.batch:
             raise ValueError(f"keys for {b} sequences, but this batch cache holds {self.batch}")

@@ -80,6 +80,16 @@ def _fp_block(store: TokenStore, ordered: bool = False) -> Block:
     return Block(FP16, FP16, {FP_KEY: view["k"]}, {FP_KEY: view["v"]}, True, store.length)
 
 
+def check_pair(keys, values):
+    """keys, values: (B, H, L, d) arrays of one dtype with equal B, H, L."""
+    if keys.ndim != 4 or values.ndim != 4 or keys.shape[:3] != values.shape[:3]:
+        raise ValueError(
+            f"keys and values must be (B, H, L, d) with equal B, H, L; got {keys.shape} and {values.shape}"
+        )
+    if keys.dtype != values.dtype:
+        raise TypeError(f"keys ({keys.dtype}) and values ({values.dtype}) must share a dtype")
+
+
 class TurboQuantKVCache(HandsOut, _BaseCache):
     """KV cache for one attention layer; keys/values arrive as (B, H, L, d) arrays.
 
@@ -139,12 +149,7 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
 
     # ---- input checks ----------------------------------------------------
     def _check(self, keys, values):
-        if keys.ndim != 4 or values.ndim != 4 or keys.shape[:3] != values.shape[:3]:
-            raise ValueError(
-                f"keys and values must be (B, H, L, d) with equal B, H, L; got {keys.shape} and {values.shape}"
-            )
-        if keys.dtype != values.dtype:
-            raise TypeError(f"keys ({keys.dtype}) and values ({values.dtype}) must share a dtype")
+        check_pair(keys, values)
         b, h, n, dk = keys.shape
         got = (b, h, dk, values.shape[-1])
         want_h, want_dk, want_dv = self.expect
