@@ -4,6 +4,7 @@
     tq-bench speed --contexts 1024,4096,16384
     tq-bench niah --text persuasion
     tq-bench memory --model gemma3-270m
+    tq-bench batch --contexts 4k,16k --batches 1,4,8
     tq-bench mac-check                       # on a Mac: every kernel checked, decode timed
 
 Each writes <out>/<command>-<model>.json (incrementally; --resume skips finished
@@ -99,6 +100,14 @@ def parser():
         help="dtype of the uncompressed layers and of the fp baseline",
     )
     sp.add_argument("--boundary-layers", type=int, default=0, help="first and last N layers uncompressed")
+
+    sp = sub.add_parser(
+        "batch", formatter_class=fmt, help="batched decode: tokens/s and memory for B sequences vs mlx-lm's fp batch"
+    )
+    common(sp, presets="k4v4")
+    sp.add_argument("--contexts", default="4k,16k", help="context length of every sequence (k = 1024)")
+    sp.add_argument("--batches", default="1,4,8", help="concurrent sequences")
+    sp.add_argument("--steps", type=int, default=3, help="timed decode steps (after one warm-up)")
 
     sp = sub.add_parser(
         "mac-check",

@@ -258,3 +258,16 @@ def test_kernel_bench_counts_launches_and_labels_the_model(tmp_path):
     tq = [r for r in rows if r["method"] == "k4v4"]
     assert all(r["extra_launches"] <= 8 and r["bytes_vs_fp16"] > 3.5 for r in tq)
     assert "Modelled, not measured" in (tmp_path / "k.md").read_text()
+
+
+def test_batch_cli(tmp_path):
+    """tq-bench batch: every (cache, context, sequences) entry measured, JSON + markdown + PNG written."""
+    out = tmp_path / "out"
+    argv = ["batch", "--contexts", "300", "--batches", "1,2", "--steps", "1", "--presets", "k4v4"]
+    assert cli.main([*argv, "--out", str(out), "--tag", "b", "--no-progress"]) == 0
+    e = _load(out, "b")
+    assert set(e) == {"fp@300x1", "fp@300x2", "k4v4@300x1", "k4v4@300x2"}
+    for r in e.values():
+        assert {"step_ms", "tok_s", "kv_bytes", "peak_mb"} <= set(r), r
+    assert e["k4v4@300x2"]["kv_bytes"] < e["fp@300x2"]["kv_bytes"]
+    assert (out / "b.md").exists() and (out / "b.png").exists()
