@@ -115,11 +115,11 @@ def write(res, base, names, ctx):
     plt = report.plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), squeeze=False)
     for ax, (k, t) in zip(axes[0], (("tok_s", "decode throughput, tokens/s"), ("kv_mb", "KV cache, MiB"))):
-        for name in names:
+        for i, name in enumerate(names):  # a colour per cache, a line style per context
             for j, n in enumerate(sorted({r["context"] for r in rs})):
                 p = [(r["batch"], r[k]) for r in rs if r["name"] == name and r["context"] == n and r.get(k)]
                 if p:
-                    ax.plot(*zip(*p), marker=".", ls="--" if name == "fp" else ["-", ":"][j % 2], label=f"{name} @{n}")
+                    ax.plot(*zip(*p), marker=".", color=f"C{i}", ls=["-", "--", ":"][j % 3], label=f"{name} @{n}")
         ax.set_xlabel("concurrent sequences")
         ax.set_yscale("log")
         ax.set_title(t)

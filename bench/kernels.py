@@ -21,6 +21,8 @@ from . import report
 from .launches import fp_cache_launches, trace_step
 
 # M-series Max-class GPUs: (peak GB/s, GPU cores, GPU clock GHz) from Apple's published figures
+BATCH, BATCH_CHIP = 8, "M2 Max"  # the batch column: this many sequences decoding together on this chip
+BATCH_COL = f"model_ms {BATCH_CHIP} x{BATCH}"
 CHIPS = {"M1 Max": (400, 32, 1.30), "M2 Max": (400, 38, 1.40), "M3 Max": (400, 40, 1.40), "M4 Max": (546, 40, 1.58)}
 ASSUMPTIONS = {
     "bandwidth_efficiency": 0.8,  # of peak, for a streaming read
@@ -180,6 +182,7 @@ def main(argv=None):
         row = {"context": T, "method": "fp16", "launches": fp_l, "extra_launches": 0, "kv_bytes": fp_bytes}
         for chip, spec in CHIPS.items():
             row[f"model_ms {chip}"] = modelled_ms(fp_bytes, fp_l, 0.0, spec)
+        row[BATCH_COL] = modelled_ms(BATCH * fp_bytes, fp_l, 0.0, CHIPS[BATCH_CHIP])
         rows.append(row)
         for preset in presets:
             b = step_bytes(preset, H, D, T)
@@ -196,6 +199,9 @@ def main(argv=None):
             }
             for chip, spec in CHIPS.items():
                 row[f"model_ms {chip}"] = modelled_ms(b, per[preset]["launches"], instr, spec)
+            cfg = tq_mlx.resolve_config(preset)
+            if "trellis" not in (cfg.keys.grid, cfg.values.grid):
+                row[BATCH_COL] = modelled_ms(BATCH * b, per[preset]["launches"], BATCH * instr, CHIPS[BATCH_CHIP])
             rows.append(row)
         if metal:
             for preset in presets:
@@ -235,7 +241,11 @@ def main(argv=None):
         ),
         (
             "Modelled, not measured: decode attention per layer, ms (assumptions in the context block)",
-            report.md_table(modelled, ["context", "method", *model_cols], ["context", "cache", *CHIPS]),
+            report.md_table(
+                modelled,
+                ["context", "method", *model_cols, BATCH_COL],
+                ["context", "cache", *CHIPS, f"{BATCH_CHIP}, {BATCH} sequences"],
+            ),
         ),
     ]
     sections.append(
@@ -247,6 +257,8 @@ def main(argv=None):
                 + [
                     "- latency = max(KV bytes / (efficiency x peak bandwidth), key rows x instructions per key row /"
                     " (cores x issue x clock)) + launches x launch cost; fp16 at its bandwidth floor only;",
+                    f"- {BATCH} sequences (a batch cache): {BATCH}x the bytes and key rows, the same launches (one "
+                    "tq_encode per part, tq_decode and tq_merge for the whole batch); trellis presets do not batch;",
                     "- instructions per key row: the hand count in metal_kernels/tq_decode.metal, not a compiler's;",
                     "- trellis (-tcq) presets: launches are the mean over 16 steps, 15 staging and one running the"
                     " Viterbi search in MLX ops, counted as traced primitives before mx.compile fuses element-wise"

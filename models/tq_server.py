@@ -17,7 +17,8 @@ Every mlx_lm.server flag works (its own main() runs, see `mlx_lm_hook`), plus --
 Requests are batched as mlx-lm batches them (its server decides from `merge`, which TurboQuant
 caches have: `BatchTurboQuantKVCache`): concurrent requests decode together, each on its own
 compressed cache; the batch's new caches are TurboQuant caches too (mlx-lm's BatchGenerator makes
-them with `mlx_lm.generate.make_prompt_cache`, replaced while serving).
+them with `mlx_lm.generate.make_prompt_cache`, replaced while serving).  Presets whose caches do not
+batch (trellis `-tcq`) are served one request at a time.
 """
 
 import importlib
@@ -30,6 +31,9 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import mlx.core as mx
+
+from tq_mlx import TurboQuantKVCache
+from tq_mlx.batch_cache import refusal
 
 from . import mlx_lm_hook
 from .bundled import BUNDLED, DEFAULT_MODEL
@@ -99,6 +103,19 @@ class ResponseGenerator(mlx_server.ResponseGenerator):
     stopping also stops the answer in progress (mlx-lm finishes it first)."""
 
     active = None
+    _batchable = (None, False)  # (model key, whether its caches merge into batch caches)
+
+    def _is_batchable(self, args):
+        """mlx-lm's rule (caches with `merge`), and TurboQuant caches that batch (not trellis or chunked ones:
+        those requests are served one at a time)."""
+        provider = self.model_provider
+        if provider.model is None:
+            return super()._is_batchable(args)
+        if self._batchable[0] != provider.model_key:
+            caches = mlx_server.make_prompt_cache(provider.model)
+            ok = not any(isinstance(c, TurboQuantKVCache) and refusal(c) for c in caches)
+            self._batchable = (provider.model_key, ok)
+        return self._batchable[1] and super()._is_batchable(args)
 
     def _serve_single(self, request, stream):
         rqueue, request, args = request

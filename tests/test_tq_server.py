@@ -308,6 +308,27 @@ def test_four_clients_at_once_each_get_their_own_answer(cold):
     assert max(together, default=0) >= 2, "the concurrent requests were not batched"
 
 
+@pytest.mark.model
+def test_a_preset_that_does_not_batch_serves_concurrent_clients_one_at_a_time(tmp_path):
+    """Trellis caches do not merge: the server answers both clients, one after the other."""
+    server = Server(tmp_path, "--prompt-cache-size", "0", "--kv", "k4v4-tcq")
+    results = [None, None]
+
+    def ask(i):
+        results[i] = server.chat(f"What is the capital of {CAPITALS[i]}?", max_tokens=4)
+
+    try:
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(TIMEOUT)
+        assert all(r is not None and text(r) for r in results)
+        assert "decode together" not in server.log() and "Traceback" not in server.log()
+    finally:
+        server.interrupt()
+
+
 # ---- bad requests ---------------------------------------------------------------------------
 LONG = "hello " * 9000  # more tokens than SmolLM2's 8192-token context
 BAD = {

@@ -37,6 +37,18 @@ _MASKS = OrderedDict()  # id(mask) -> (mask, window_size, return_array): masks b
 _LOGGED_BATCH = [0]
 
 
+def refusal(cache):
+    """Why a TurboQuantKVCache cannot be merged into a batch (a sentence naming what batches), or None."""
+    if cache.chunk_size is not None:
+        return "chunked-attention TurboQuant caches (llama4) do not batch yet"
+    if "trellis" in (cache.config.keys.grid, cache.config.values.grid):
+        return (
+            f"{cache.config.name!r}: trellis-coded caches (-tcq, staged encodes) do not batch yet; "
+            "batch with a Lloyd-Max, uniform (-fast), HQMQ or fp16 preset (e.g. 'k4v4', 'k4v4-fast')"
+        )
+    return None
+
+
 def _settings(c):
     return (c.config, c.layer, c.max_size, c.keep, c.chunk_size, c.expect)
 
@@ -58,13 +70,9 @@ class BatchTurboQuantKVCache(_BaseCache):
                     f"{first.config.name!r} layer {first.layer} window {first.max_size} and {c.config.name!r} "
                     f"layer {c.layer} window {c.max_size}"
                 )
-        if first.chunk_size is not None:
-            raise NotImplementedError("chunked-attention TurboQuant caches (llama4) do not batch yet")
-        if "trellis" in (first.config.keys.grid, first.config.values.grid):
-            raise NotImplementedError(
-                f"{first.config.name!r}: trellis-coded caches (-tcq, staged encodes) do not batch yet; "
-                "batch with a Lloyd-Max, uniform (-fast), HQMQ or fp16 preset (e.g. 'k4v4', 'k4v4-fast')"
-            )
+        reason = refusal(first)
+        if reason is not None:
+            raise NotImplementedError(reason)
         shapes = {c.shape[1:] for c in caches if c.shape is not None}
         dtypes = {c.dtype for c in caches if c.dtype is not None}
         if len(shapes) > 1 or len(dtypes) > 1:
