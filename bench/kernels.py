@@ -65,6 +65,16 @@ def step_bytes(preset: str, H: int, D: int, T: int) -> int:
     return H * (T - cfg.fp_sink) * per + H * cfg.fp_sink * 2 * D * 2
 
 
+def viterbi_instructions(preset: str, H: int, D: int) -> float:
+    """tq_viterbi's simdgroup instructions per decode step (one token per head on average), by the hand count
+    in metal_kernels/tq_viterbi.metal: 2 D steps of ~6 x 2^b + 8 per thread, 64 threads (2 simdgroups)."""
+    import tq_mlx
+
+    cfg = tq_mlx.resolve_config(preset)
+    per = [2 * 2 * D * (6 * 2 ** int(s.bits) + 8) for s in (cfg.keys, cfg.values) if s.grid == "trellis"]
+    return H * sum(per)
+
+
 def modelled_ms(nbytes: int, launches: int, instr: float = 0.0, chip=(400, 38, 1.4)) -> float:
     """max(bandwidth floor, instruction floor) + launches x launch cost, in ms."""
     gbps, cores, ghz = chip
@@ -75,8 +85,8 @@ def modelled_ms(nbytes: int, launches: int, instr: float = 0.0, chip=(400, 38, 1
 
 def count_launches(preset: str, H: int, D: int, G: int):
     """(launches of one kernel-path decode step, its CustomKernel count) for a small cache of `preset`.
-    A codec that encodes E staged tokens at a time (trellis codes) is counted as the mean over E steps:
-    E - 1 staging steps and the step that encodes."""
+    A codec that encodes E staged tokens at a time (trellis codes) is counted as the mean over the E steps
+    of one cycle after the first (each traced): E - 1 staging steps and the step that encodes."""
     import tq_mlx
     from tq_mlx.attention import attention
 
@@ -84,20 +94,29 @@ def count_launches(preset: str, H: int, D: int, G: int):
     k = mx.random.normal((1, H, 80, D)).astype(mx.float16)
     cache.update_and_fetch(k, k)
     mx.eval(attention(cache, mx.random.normal((1, H * G, 80, D)).astype(mx.float16), D**-0.5, "causal"))
-    for c in (cache.k_codec, cache.v_codec):  # encoded on this CPU; the traced step encodes with tq_encode
-        c.kernel_encode = c.kernel_encodes()
     q = mx.random.normal((1, H * G, 1, D)).astype(mx.float16)
     x = mx.random.normal((1, H, 1, D)).astype(mx.float16)
-    launches, _ = trace_step(cache, q, x, x, D**-0.5, "metal")
     E = cache._block
-    if E == 1:
-        return sum(launches.values()), launches["CustomKernel"]
-    while cache.window.length < cache.window_size + E - 1:  # to the step that encodes
+
+    def step():
         cache.update_and_fetch(x, x)
         mx.eval(attention(cache, q, D**-0.5))
-    encoding, _ = trace_step(cache, q, x, x, D**-0.5, "metal")
-    total = ((E - 1) * sum(launches.values()) + sum(encoding.values())) / E
-    return total, launches["CustomKernel"]
+
+    if E > 1:  # one cycle of decode steps (the window's buffers then hold one block), to the next cycle's start
+        for _ in range(E):
+            step()
+        while cache.window.length != cache.window_size:
+            step()
+    for c in (cache.k_codec, cache.v_codec):  # encoded on this CPU; traced steps encode with tq_encode / tq_viterbi
+        c.kernel_encode = c.kernel_encodes()
+    launches, _ = trace_step(cache, q, x, x, D**-0.5, "metal")
+    if E == 1:
+        return sum(launches.values()), launches["CustomKernel"]
+    total = sum(launches.values())
+    for _ in range(E - 1):  # the rest of the cycle: the last step encodes the E staged tokens
+        step()
+        total += sum(trace_step(cache, q, x, x, D**-0.5, "metal")[0].values())
+    return total / E, launches["CustomKernel"]
 
 
 def _time(fn, repeats):
@@ -187,7 +206,7 @@ def main(argv=None):
         for preset in presets:
             b = step_bytes(preset, H, D, T)
             hg = -(-G // (1 if G == 1 else 2 if G == 2 else 4))
-            instr = per[preset]["instructions_per_key_row"] * T * H * hg
+            instr = per[preset]["instructions_per_key_row"] * T * H * hg + viterbi_instructions(preset, H, D)
             row = {
                 "context": T,
                 "method": preset,
@@ -260,9 +279,10 @@ def main(argv=None):
                     f"- {BATCH} sequences (a batch cache): {BATCH}x the bytes and key rows, the same launches (one "
                     "tq_encode per part, tq_decode and tq_merge for the whole batch); trellis presets do not batch;",
                     "- instructions per key row: the hand count in metal_kernels/tq_decode.metal, not a compiler's;",
-                    "- trellis (-tcq) presets: launches are the mean over 16 steps, 15 staging and one running the"
-                    " Viterbi search in MLX ops, counted as traced primitives before mx.compile fuses element-wise"
-                    " ones (an upper bound);",
+                    "- trellis (-tcq) presets: launches are the mean over the 16 steps of a cycle, 15 staging and one"
+                    " encoding the 16 staged tokens with the tq_viterbi kernel (K and V); that kernel's instructions"
+                    " (hand count) are in the instruction floor, its serial latency (per vector 2 d barrier-separated"
+                    " steps and two backtracks, every 16th step) is not modelled;",
                     "- nothing here ran on a Mac unless the 'Measured' table is present.",
                 ]
             ),

@@ -13,6 +13,7 @@ import importlib
 import sys
 
 import tq_mlx
+from tq_mlx import describe
 
 from . import mlx_lm_hook
 
@@ -25,14 +26,7 @@ def kv_summary(cache) -> str:
     """One line: bytes held, tokens, config, and what mlx-lm's fp16 cache would hold."""
     held = sum(c.nbytes for c in cache)
     tokens = max((c.size() for c in cache), default=0)
-    fp16 = 0
-    for c in cache:
-        if isinstance(c, tq_mlx.TurboQuantKVCache) and c.shape is not None:
-            b, h, dk, dv = c.shape
-            fp16 += b * h * (dk + dv) * 2 * c.size()
-        elif getattr(c, "keys", None) is not None:
-            b, h, _, dk = c.keys.shape
-            fp16 += b * h * (dk + c.values.shape[-1]) * 2 * c.size()
+    fp16 = sum(describe.fp16_bytes(c) for c in cache)
     names = sorted({c.config.name for c in cache if isinstance(c, tq_mlx.TurboQuantKVCache)})
     return (
         f"KV cache: {held / 1e6:.3f} MB for {tokens} tokens ({', '.join(names) or 'no TurboQuant layers'}; "

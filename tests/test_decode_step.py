@@ -70,10 +70,13 @@ def test_trellis_decode_steps_stage_without_host_sync_and_encode_every_16th(step
     H, D = 2, 128
     cache = _filled("k4v4-tcq", H, D, 300, metal=True, steps=steps)
     launches, _ = trace_step(cache, *_step_inputs(H, D), D**-0.5, "metal")
-    assert launches["CustomKernel"] == 2  # tq_decode, tq_merge: the Viterbi search runs as MLX ops
-    assert ("ArgReduce" in launches) == encodes  # the 16th staged token runs the search (no host sync either)
-    if not encodes:
-        assert sum(launches.values()) - fp_cache_launches(cache.size()) <= LAUNCH_BUDGET
+    # tq_decode, tq_merge; the 16th staged token also runs tq_viterbi for K and V (no host sync either)
+    assert launches["CustomKernel"] == 2 + 2 * encodes
+    assert "ArgReduce" not in launches  # no Viterbi search in MLX ops
+    # measured beyond the fp cache: 1 (staging: the window written), 7 (encoding: + tq_viterbi x 2, the codes
+    # and norms of K and V written; the emptied window keeps its buffers)
+    assert sum(launches.values()) - fp_cache_launches(cache.size()) <= LAUNCH_BUDGET, launches
+    assert not {"Concatenate", "Copy"} & set(launches)
 
 
 @pytest.mark.parametrize("config", ["k4v4", "k4v4-fast", "2.5", "hqmq-s24r3", "fp16", "k4v4-tcq"])

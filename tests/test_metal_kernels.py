@@ -113,9 +113,8 @@ def test_prefill_on_the_kernels_matches_the_reference(config, D, dtype, monkeypa
     _close(got, ref, 1e-4 if dtype == mx.float32 else 2e-2)
 
 
-@pytest.mark.parametrize("D,bits,weights", [(64, 4, "diag"), (128, 3, None), (80, 5, "diag"), (256, 8, "full")])
-def test_encode_kernel_gives_the_reference_codes(D, bits, weights):
-    H, T = 2, 21  # rows 42: a partial last threadgroup
+def mean_and_weights(H, D, weights):
+    """A centring mean (H, D) and channel weights: None, "diag" (H, D) or "full" (H, D, D) matrices."""
     mean = mx.random.normal((H, D), key=mx.random.key(1)) * 0.3
     w = None
     if weights == "diag":
@@ -123,6 +122,13 @@ def test_encode_kernel_gives_the_reference_codes(D, bits, weights):
     elif weights == "full":
         a = np.eye(D) + 0.05 * np.random.default_rng(3).standard_normal((H, D, D))
         w = mx.array(a.astype(np.float32))
+    return mean, w
+
+
+@pytest.mark.parametrize("D,bits,weights", [(64, 4, "diag"), (128, 3, None), (80, 5, "diag"), (256, 8, "full")])
+def test_encode_kernel_gives_the_reference_codes(D, bits, weights):
+    H, T = 2, 21  # rows 42: a partial last threadgroup
+    mean, w = mean_and_weights(H, D, weights)
     ref_codec = TurboQuant(D, H, bits, mean=mean, weight=w, seed=bits)
     kern_codec = TurboQuant(D, H, bits, mean=mean, weight=w, seed=bits, use_kernels=True)
     x = mx.random.normal((1, H, T, D), key=mx.random.key(D))

@@ -192,7 +192,7 @@ class BatchTurboQuantKVCache(_BaseCache):
         else:
             self.chunk = []
             for r, (s, n) in zip(self.rows, real):
-                self.chunk.append((s, n, r._held()))
+                self.chunk.append((s, n, r.held()))
                 if n:
                     b = r.index
                     r._append(keys[b : b + 1, :, s : s + n], values[b : b + 1, :, s : s + n])
@@ -249,7 +249,7 @@ class BatchTurboQuantKVCache(_BaseCache):
     def make_mask(self, N: int, return_array: bool = False, window_size=None):
         """mlx-lm's batch mask (B, 1, N, T) over left-padded rows; batch attention recognises it and masks
         each row from its own counts instead (our rows are not padded)."""
-        held = [r._held() for r in self.rows]
+        held = [r.held() for r in self.rows]
         if self.max_size is not None:
             held = [min(h, self.max_size - 1) for h in held]
         T = max(held, default=0)

@@ -21,7 +21,7 @@ def _prepare_rows(batch, keys, values):
         if r.shape is None:
             r.shape = (1, H, dk, dv)
         if r.max_size is not None and not r._rings_full(1):
-            r._drop_front(r._held() + 1 - r.max_size)  # a row-level copy, only while a window fills
+            r._drop_front(r.held() + 1 - r.max_size)  # a row-level copy, only while a window fills
         r.offset += 1
         r.dtype = keys.dtype
         r.pending = True

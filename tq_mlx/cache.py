@@ -144,7 +144,9 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
     def _stores(self):
         return (self.exact, self.sink, self.codes, self.window)
 
-    def _held(self) -> int:
+    def held(self) -> int:
+        """Tokens stored now (a sliding layer holds up to max_size + L - 1 right after an L-token update,
+        as mlx-lm's RotatingKVCache does; size() reports at most max_size)."""
         return sum(s.length for s in self._stores())
 
     # ---- input checks ----------------------------------------------------
@@ -224,7 +226,7 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
             self.shape = (b, h, dk, values.shape[-1])
         if self.max_size is not None and not self._rings_full(n):
             # mlx-lm's rotating semantics: a new token or chunk sees the max_size - 1 newest older tokens
-            self._drop_front(self._held() + 1 - self.max_size)
+            self._drop_front(self.held() + 1 - self.max_size)
         self.offset += n
         self.dtype = keys.dtype
         if not self.calibrated:
@@ -309,7 +311,7 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
 
     def maybe_trim_front(self):
         """Chunked attention (mlx-lm's ChunkedKVCache): forget all but the newest chunk_size tokens."""
-        drop = self._held() - self.chunk_size
+        drop = self.held() - self.chunk_size
         if drop > 0:
             self._drop_front(drop)
             self.start_position += drop
@@ -353,8 +355,8 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
             if take:
                 q = queries.reshape(*queries.shape[:2], -1, L, queries.shape[3])[:, :, :, :take]
                 self.qstats.add(q.reshape(*q.shape[:2], -1, q.shape[4]))
-        if self._held() >= max(Q, 1):
-            self._calibrate(self._held() if Q == 0 else Q)
+        if self.held() >= max(Q, 1):
+            self._calibrate(self.held() if Q == 0 else Q)
 
     def _calibrate(self, n: int):
         """Build the codecs from the first n exact tokens (and their queries) and store every exact token."""
@@ -422,10 +424,10 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
 
     def size(self) -> int:
         """Tokens in context, as mlx-lm counts them (a sliding window reports at most max_size)."""
-        return self._held() if self.max_size is None else min(self.offset, self.max_size)
+        return self.held() if self.max_size is None else min(self.offset, self.max_size)
 
     def empty(self) -> bool:
-        return self._held() == 0
+        return self.held() == 0
 
     def is_trimmable(self) -> bool:
         return self.max_size is None or self.offset < self.max_size
@@ -433,7 +435,7 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
     def trim(self, n: int) -> int:
         """Forget the newest n tokens.  Trimming below `calibration_length` keeps the codecs (and the codes
         of the tokens left): the cache then differs from one that never saw the trimmed tokens."""
-        n = min(self.offset, n, self._held())
+        n = min(self.offset, n, self.held())
         left = n
         for st in (self.window, self.codes, self.sink, self.exact):
             d = min(left, st.length)
@@ -444,7 +446,7 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
         return n
 
     def make_mask(self, N: int, return_array: bool = False, window_size=None):
-        return self.mask_for(N, self._held(), return_array, window_size)
+        return self.mask_for(N, self.held(), return_array, window_size)
 
     def mask_for(self, N: int, held: int, return_array: bool = False, window_size=None):
         """make_mask for N new tokens when the cache holds `held` tokens (what a batch row asks for)."""

@@ -13,7 +13,10 @@ Kernels:
   batch row has its own token counts (and, in a batch cache, its own codec constants).
 - tq_merge: combines the partials, adds the value mean, rotates back, normalises: the output.
 - tq_dequant: codes -> n * c[idx] in the stored domain (prefill).
-A decode step is tq_encode twice (K, V) on update, then tq_decode and tq_merge.
+- tq_viterbi: raw vectors -> centred, weighted, rotated, trellis-coded (the tail-biting Viterbi search of
+  trellis.search), packed symbols + norms: tq_encode for the trellis presets.
+A decode step is tq_encode twice (K, V) on update, then tq_decode and tq_merge (trellis presets: tq_viterbi
+twice every 16th step, which encodes the 16 staged tokens).
 
 `guarded(key, run)` runs the first use of each instantiation under a check: a compile or launch
 error logs one warning naming it, and the caller falls back to the reference path for it.
@@ -51,7 +54,9 @@ _SPECS = {
     ),
     "tq_merge": (["po", "pm", "pl", "vmr", "omap", "sinks", "params"], ["out"]),
     "tq_dequant": (["codes", "norm", "cb", "params"], ["y"]),
+    "tq_viterbi": (["x", "mean", "map", "tbl", "params"], ["codes", "norm"]),
 }
+VITERBI_D = 256  # tq_viterbi's largest vector: D * 64 back-pointer bytes of threadgroup memory (16 KiB)
 
 
 def mode() -> str:
@@ -157,18 +162,14 @@ def num_blocks(T: int, n_groups: int, block=None):
     return block, -(-T // block)
 
 
-def encode(x, mean, tmap, levels, edges, norm_dtype=mx.float16, norm_correction=True, rows_per_tg=4):
-    """tq_encode: x (B, H, L, D) raw -> (codes (B, H, L, W) uint32, norm (B, H, L) norm_dtype).
-
-    mean (H, D) f32; tmap (H, D) vector (Hadamard D) or (H, D, D) matrix: y = T(x - mean).  With (B*H, D)
-    and (B*H, D(, D)) constants, batch row b uses rows b*H .. b*H + H - 1 (codecs of its own)."""
+def _encode_rows(name, x, consts, bits, rot, norm_dtype, norm_correction, threadgroup, template=()):
+    """A tq_encode-like launch: inputs [x rows, *consts, params [L, CH]], one row per threadgroup row ->
+    (codes (B, H, L, W) uint32, norm (B, H, L) norm_dtype).  consts[0] (the mean) has CH rows: H, or B*H when
+    batch row b has constants of its own (rows b*H .. b*H + H - 1)."""
     B, H, L, D = x.shape
-    bits = bits_of(levels)
-    words = -(-D * bits // 32)
-    rot = int(tmap.ndim == 3)
-    rows = B * H * L
-    codes, norm = kernel("tq_encode")(
-        inputs=[x.reshape(rows, D), mean, tmap, levels, edges, _params(L, mean.shape[0])],
+    rows, words = B * H * L, -(-D * bits // 32)
+    codes, norm = kernel(name)(
+        inputs=[x.reshape(rows, D), *consts, _params(L, consts[0].shape[0])],
         template=[
             ("XT", x.dtype),
             ("NT", norm_dtype),
@@ -176,14 +177,50 @@ def encode(x, mean, tmap, levels, edges, norm_dtype=mx.float16, norm_correction=
             ("BITS", bits),
             ("ROT", rot),
             ("NC", int(bool(norm_correction))),
-            ("RPT", rows_per_tg),
+            *template,
         ],
-        grid=(32, rows, 1),
-        threadgroup=(32, rows_per_tg, 1),
+        grid=(threadgroup[0], rows, 1),
+        threadgroup=threadgroup,
         output_shapes=[(rows, words), (rows,)],
         output_dtypes=[mx.uint32, norm_dtype],
     )
     return codes.reshape(B, H, L, words), norm.reshape(B, H, L)
+
+
+def encode(x, mean, tmap, levels, edges, norm_dtype=mx.float16, norm_correction=True, rows_per_tg=4):
+    """tq_encode: x (B, H, L, D) raw -> (codes (B, H, L, W) uint32, norm (B, H, L) norm_dtype).
+
+    mean (H, D) f32; tmap (H, D) vector (Hadamard D) or (H, D, D) matrix: y = T(x - mean).  With (B*H, D)
+    and (B*H, D(, D)) constants, batch row b uses rows b*H .. b*H + H - 1 (codecs of its own)."""
+    consts = [mean, tmap, levels, edges]
+    rot, tg = int(tmap.ndim == 3), (32, rows_per_tg, 1)
+    return _encode_rows(
+        "tq_encode", x, consts, bits_of(levels), rot, norm_dtype, norm_correction, tg, [("RPT", rows_per_tg)]
+    )
+
+
+def viterbi_supports(D: int) -> str | None:
+    """None when tq_viterbi codes vectors of D coordinates, else why not."""
+    if not 2 <= D <= VITERBI_D or D % 2:
+        return f"tq_viterbi codes even D from 2 to {VITERBI_D} (its back pointers fill threadgroup memory), got {D}"
+    return None
+
+
+def viterbi_encode(x, mean, tmap, table, bits: int, norm_dtype=mx.float16, norm_correction=True):
+    """tq_viterbi: x (B, H, L, D) raw -> (codes (B, H, L, W) uint32, norm (B, H, L) norm_dtype), the trellis
+    codes of TrellisSegment.encode.  mean (H, D) f32; tmap (H, D) vector (Hadamard D) or (H, D, D) matrix, as
+    for `encode`; tmap None: x holds the coordinates z themselves (trellis.search's input: no centring,
+    rotation or scaling; for tests).  table: trellis.table(bits).  Raises ValueError for an unsupported D or table."""
+    D = x.shape[-1]
+    why = viterbi_supports(D)
+    if why:
+        raise ValueError(why)
+    if table.shape != (1 << (bits + 6),):
+        raise ValueError(f"a trellis table of 2**(bits + 6) = {1 << (bits + 6)} entries expected, got {table.shape}")
+    rot = 2 if tmap is None else int(tmap.ndim == 3)
+    if tmap is None:
+        mean, tmap = mx.zeros((1, D)), mx.ones((1, D))
+    return _encode_rows("tq_viterbi", x, [mean, tmap, table], bits, rot, norm_dtype, norm_correction, (64, 1, 1))
 
 
 def decode_partials(

@@ -13,8 +13,10 @@ coordinate j in bits [b j, b j + b) of the vector's bit string); coordinate j's 
 no start state is stored: the search is tail-biting (a free pass, then a pass started and ended in the
 state the free pass had half-way, on the vector rotated by half).
 Tables: trained once on N(0, 1) coordinates by Lloyd iterations over Viterbi assignments (`train_table`)
-and shipped in `trellis_tables/`; `python -m tq_mlx.trellis` rebuilds them.  The coordinates coded are
-sqrt(n) * y / |y|, close to N(0, 1) for a randomly rotated vector y of size n.
+and shipped in `trellis_tables/`; `python -m tq_mlx.trellis` rebuilds them.  With the Metal kernels on,
+`kernels.viterbi_encode` (metal_kernels/tq_viterbi.metal) runs the same search, rotation and packing in one
+launch; `search` here is the path of every other back-end (and the reference the kernel is tested against).
+The coordinates coded are sqrt(n) * y / |y|, close to N(0, 1) for a randomly rotated vector y of size n.
 """
 
 import math

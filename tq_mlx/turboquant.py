@@ -155,7 +155,7 @@ class TurboQuant:
     grid: "lloyd-max" (the TurboQuant codebooks), "uniform" (MLX's affine
     format on the rotated vectors, so attention uses MLX's quantized kernels)
     or "trellis" (trellis-coded: the same bits, lower error; trellis.py).
-    use_kernels: encode through the tq_encode Metal kernel where it applies.
+    use_kernels: encode through the tq_encode (tq_viterbi for trellis codes) Metal kernel where it applies.
     Research options (not in CodecSpec): qjl_kind, norm_dtype, norm_correction.
     """
 
@@ -295,8 +295,11 @@ class TurboQuant:
         return None
 
     def kernel_encodes(self) -> bool:
-        """Whether tq_encode can write these codes (Lloyd-Max only: trellis codes need the Viterbi search)."""
-        return self.kernel_reason() is None and not self.segments[0].window
+        """Whether a kernel writes these codes: tq_encode (Lloyd-Max) or tq_viterbi (trellis codes)."""
+        if self.kernel_reason() is not None:
+            return False
+        seg = self.segments[0]
+        return not seg.window or kernels.viterbi_supports(seg.n) is None
 
     @property
     def levels(self) -> mx.array:
@@ -343,11 +346,16 @@ class TurboQuant:
             seg, tmap = self.segments[0], self.kernel_map("encode")
 
             def run():
+                if seg.window:  # trellis codes: the Viterbi search
+                    return kernels.viterbi_encode(
+                        x, self.kernel_mean, tmap, seg.table, seg.bits, self.norm_dtype, seg.norm_correction
+                    )
                 return kernels.encode(
                     x, self.kernel_mean, tmap, seg.levels, seg.edges, self.norm_dtype, seg.norm_correction
                 )
 
-            key = ("encode", x.dtype, self.norm_dtype, self.d, seg.mse_bits, tmap.ndim, seg.norm_correction)
+            kind = "viterbi" if seg.window else "encode"
+            key = (kind, x.dtype, self.norm_dtype, self.d, seg.mse_bits, tmap.ndim, seg.norm_correction)
             out = kernels.guarded(key, run)
             if out is not None:
                 return {"codes0": out[0], "norm0": out[1]}
