@@ -47,6 +47,20 @@ def assert_same(a: TurboQuantKVCache, b: TurboQuantKVCache):
             assert sa[k].dtype == sb[k].dtype and mx.array_equal(sa[k], sb[k]).item(), k
 
 
+def step_both(batch, caches, seed, masked=False):
+    """One decode step on the batch and on each single cache (with their own masks if `masked`): equal outputs."""
+    B = len(caches)
+    k, v, q = rand((B, H, 1, D), seed), rand((B, H, 1, D), seed + 40), rand((B, 3 * H, 1, D), seed + 80)
+    mask = batch.make_mask(1) if masked else None  # asked for before storing, as a model does
+    batch.update_and_fetch(k, v)
+    got = batch_attention(batch, q, D**-0.5, mask, None, *batch.handed)
+    for b, c in enumerate(caches):
+        mask = c.make_mask(1) if masked else None
+        c.update_and_fetch(k[b : b + 1], v[b : b + 1])
+        want = attention(c, q[b : b + 1], D**-0.5, mask)
+        np.testing.assert_allclose(np.array(got[b : b + 1]), np.array(want), rtol=1e-5, atol=1e-6)
+
+
 MIXED = {  # one of each state a sequence can be in (one config: caches of a batch share it)
     "empty": dict(T=0),
     "exact": dict(T=9),
@@ -99,13 +113,7 @@ def test_a_decode_step_leaves_each_row_as_a_single_decode_step_would():
     caches = mixed()[1:]
     batch = TurboQuantKVCache.merge([copy.deepcopy(c) for c in caches])
     for step in range(3):
-        k, v, q = rand((3, H, 1, D), step), rand((3, H, 1, D), 10 + step), rand((3, 3 * H, 1, D), 20 + step)
-        batch.update_and_fetch(k, v)
-        got = batch_attention(batch, q, D**-0.5, None, None, *batch.handed)
-        for b, c in enumerate(caches):
-            c.update_and_fetch(k[b : b + 1], v[b : b + 1])
-            want = attention(c, q[b : b + 1], D**-0.5)
-            np.testing.assert_allclose(np.array(got[b : b + 1]), np.array(want), rtol=1e-5, atol=1e-6)
+        step_both(batch, caches, step)
     for b, c in enumerate(caches):
         assert_same(batch.extract(b), c)
 
@@ -113,12 +121,8 @@ def test_a_decode_step_leaves_each_row_as_a_single_decode_step_would():
 def test_a_row_reaching_quant_start_during_decode_calibrates_on_its_own_tokens():
     caches = [single(T=15, quant_start=16, seed=3), single(T=40, quant_start=16, seed=4)]
     batch = TurboQuantKVCache.merge([copy.deepcopy(c) for c in caches])
-    k, v, q = rand((2, H, 1, D), 5), rand((2, H, 1, D), 6), rand((2, 3 * H, 1, D), 7)
-    batch.update_and_fetch(k, v)
-    batch_attention(batch, q, D**-0.5, None, None, *batch.handed)
+    step_both(batch, caches, 5)
     for b, c in enumerate(caches):
-        c.update_and_fetch(k[b : b + 1], v[b : b + 1])
-        attention(c, q[b : b + 1], D**-0.5)
         assert_same(batch.extract(b), c)
     assert batch.extract(0).calibration_length == 16
 
@@ -147,14 +151,7 @@ def test_sliding_window_rows_wrap_their_rings_as_single_caches_do():
     caches = [single(T=30, seed=1, **kw), single(T=10, seed=2, **kw), single(T=20, seed=3, steps=7, **kw)]
     batch = TurboQuantKVCache.merge([copy.deepcopy(c) for c in caches])
     for step in range(20):  # every ring fills and wraps
-        k, v, q = rand((3, H, 1, D), step), rand((3, H, 1, D), 40 + step), rand((3, 3 * H, 1, D), 80 + step)
-        batch.update_and_fetch(k, v)
-        got = batch_attention(batch, q, D**-0.5, batch.make_mask(1), None, *batch.handed)
-        for b, c in enumerate(caches):
-            mask = c.make_mask(1)
-            c.update_and_fetch(k[b : b + 1], v[b : b + 1])
-            want = attention(c, q[b : b + 1], D**-0.5, mask)
-            np.testing.assert_allclose(np.array(got[b : b + 1]), np.array(want), rtol=1e-5, atol=1e-6)
+        step_both(batch, caches, step, masked=True)
     for b, c in enumerate(caches):
         assert_same(batch.extract(b), c)
 
@@ -163,13 +160,8 @@ def test_sliding_window_rows_wrap_their_rings_as_single_caches_do():
 def test_every_codec_kind_batches_with_its_own_calibration_per_row(config):
     caches = [single(config, T=40, seed=s, quant_start=16, fp_window=4) for s in (1, 2)]
     batch = TurboQuantKVCache.merge([copy.deepcopy(c) for c in caches])
-    k, v, q = rand((2, H, 1, D), 5), rand((2, H, 1, D), 6), rand((2, 3 * H, 1, D), 7)
-    batch.update_and_fetch(k, v)
-    got = batch_attention(batch, q, D**-0.5, None, None, *batch.handed)
+    step_both(batch, caches, 5)
     for b, c in enumerate(caches):
-        c.update_and_fetch(k[b : b + 1], v[b : b + 1])
-        want = attention(c, q[b : b + 1], D**-0.5)
-        np.testing.assert_allclose(np.array(got[b : b + 1]), np.array(want), rtol=1e-5, atol=1e-6)
         assert_same(batch.extract(b), c)
 
 

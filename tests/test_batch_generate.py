@@ -7,6 +7,7 @@ tokens must agree up to the single run's first near-tie (top-2 logit margin < 1e
 that far; on this CPU they agree exactly."""
 
 import mlx.core as mx
+import pytest
 from mlx_lm import batch_generate
 from mlx_lm.generate import generate_step
 
@@ -39,6 +40,7 @@ def single_run(model, tokenizer, prompt):
     return out, False
 
 
+@pytest.mark.model
 def test_batch_generate_gives_each_prompt_its_single_sequence_greedy_tokens(smol):
     model, tokenizer = smol
     prompts = [tokenizer.encode(t) for t in TEXTS]

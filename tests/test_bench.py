@@ -263,6 +263,7 @@ def test_kernel_bench_counts_launches_and_labels_the_model(tmp_path):
     assert "Modelled, not measured" in (tmp_path / "k.md").read_text()
 
 
+@pytest.mark.model
 def test_batch_cli(tmp_path):
     """tq-bench batch: every (cache, context, sequences) entry measured, JSON + markdown + PNG written."""
     out = tmp_path / "out"
