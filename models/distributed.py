@@ -10,6 +10,7 @@ rank draws the same tokens.  A prompt-cache file is saved one file per rank (`ra
 import contextlib
 import faulthandler
 import io
+import math
 import os
 import pickle
 import random
@@ -22,8 +23,15 @@ import numpy as np
 
 from tq_mlx import sharding
 
+from . import liveness
+
 CONNECT_TIMEOUT = 120  # seconds mx.distributed.init may wait for the other ranks before the process exits
 STDIN_IDLE = 2.0  # seconds of silence that end a piped prompt on rank 0 (mlx.launch never closes stdin)
+
+
+def launched() -> bool:
+    """Whether a distributed launcher (mlx.launch: ring or JACCL) started this process as one of a group."""
+    return any(os.environ.get(v) for v in ("MLX_HOSTFILE", "MLX_IBV_DEVICES", "MLX_JACCL_COORDINATOR"))
 
 
 def world():
@@ -31,13 +39,12 @@ def world():
 
     A rank that cannot reach the others within CONNECT_TIMEOUT exits with a traceback naming this
     function (mx.distributed.init holds the interpreter while it waits, so only faulthandler can stop it)."""
-    launched = any(os.environ.get(v) for v in ("MLX_HOSTFILE", "MLX_IBV_DEVICES", "MLX_JACCL_COORDINATOR"))
-    if launched:
+    if launched():
         faulthandler.dump_traceback_later(CONNECT_TIMEOUT, exit=True, file=sys.__stderr__)
     try:
         return mx.distributed.init()
     finally:
-        if launched:
+        if launched():
             faulthandler.cancel_dump_traceback_later()
 
 
@@ -60,14 +67,15 @@ def _heads(attn, names):
 
 
 def check_divisible(model, n: int):
-    """ValueError unless every attention layer's query and KV heads split evenly over n ranks."""
+    """ValueError unless every attention layer's KV and query heads split evenly over n ranks."""
     for i, layer in enumerate(getattr(model, "layers", [])):
         attn = getattr(layer, "self_attn", None)
-        q = _heads(attn, ("n_heads", "num_attention_heads", "num_heads"))
         kv = _heads(attn, sharding._HEAD_ATTRS)
-        for what, h in (("query", q), ("KV", kv)):
+        q = _heads(attn, ("n_heads", "num_attention_heads", "num_heads"))
+        for what, h in (("KV", kv), ("query", q)):
             if h is not None and h % n:
-                ok = [d for d in range(1, h + 1) if h % d == 0 and (q is None or q % d == 0)]
+                both = math.gcd(kv or 0, q or 0)
+                ok = [d for d in range(1, both + 1) if both % d == 0]
                 raise ValueError(
                     f"layer {i} has {h} {what} heads, which do not split over {n} processes: tensor parallelism "
                     f"gives each rank whole heads; run this model on {' or '.join(map(str, ok))} processes"
@@ -90,6 +98,7 @@ def shard_model(model, group):
         raise ValueError(f"sharding {arch} over {group.size()} processes failed: {e}") from None
     mx.eval(model.parameters())
     mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))  # every rank is ready
+    liveness.start(group, broadcast)  # from here a rank that dies ends the others at once
 
 
 # ---- input on rank 0, shared ----------------------------------------------------------------
@@ -151,12 +160,23 @@ def read_stdin(stream=None, idle: float = STDIN_IDLE) -> str:
 # ---- output on rank 0 ----------------------------------------------------------------------
 @contextlib.contextmanager
 def rank0_output(group):
-    """Inside: stdout of ranks other than 0 goes nowhere (stderr stays: errors name their rank)."""
+    """Inside: stdout of ranks other than 0 goes nowhere, at the file descriptor (so also what holds the
+    original sys.stdout, and C code); stderr stays: errors name their rank."""
     if group.rank() == 0:
         yield
         return
-    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+    sys.stdout.flush()
+    saved = os.dup(1)
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.close(null)
+    try:
         yield
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 # ---- files -----------------------------------------------------------------------------------

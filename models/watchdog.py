@@ -1,8 +1,8 @@
 """A rank of a tensor-parallel group that dies or stalls ends the run with a clear error, never a hang.
 
-A rank that dies: its OS closes its sockets, and MLX's ring backend fails the collective every other rank
-is in with RuntimeError("[ring] connection to a peer was lost") (mlx 0.32.4, measured within about a
-second of a kill -9 or an exit).  `peer_lost` recognises it; the commands print one line and exit 1.
+A rank that dies: its OS closes its sockets.  MLX's ring backend fails a collective in flight with
+RuntimeError("[ring] connection to a peer was lost"), which `peer_lost` recognises (one line, exit 1);
+a collective issued later hangs, which `liveness` prevents (its own sockets: every rank exits at once).
 
 A rank that stalls without closing its sockets (a frozen process, a host gone from the network without a
 reset) leaves the others waiting in a collective: MLX has no timeout.  `Watchdog` is a thread that ends its
@@ -16,6 +16,8 @@ import os
 import sys
 import threading
 import time
+
+from . import liveness
 
 DEFAULT_TIMEOUT = 300.0  # seconds one step (a prefill chunk or a token) may take on a group
 _LOST = ("connection to a peer was lost", "[ring]", "[jaccl]", "[mpi]", "[nccl]")
@@ -38,6 +40,7 @@ def run_command(prog: str, where: str, body, errors=(OSError, ValueError, NotImp
     stderr for `errors` and for a lost peer (other exceptions propagate)."""
     try:
         body()
+        liveness.finish()
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130

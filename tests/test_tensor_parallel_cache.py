@@ -5,11 +5,12 @@ test_tensor_parallel.py."""
 
 import mlx.core as mx
 import pytest
+from arch_sweep import build_model
 from mlx_lm.models.cache import save_prompt_cache
 
 import tq_mlx
 from tq_mlx import CacheStateError, TurboQuantKVCache
-from tq_mlx.models import load
+from tq_mlx.models import distributed, load
 from tq_mlx.patch import tq_scaled_dot_product_attention as sdpa
 from tq_mlx.sharding import Shard
 
@@ -138,3 +139,14 @@ def test_a_rank_cache_file_is_refused_for_a_model_sharded_otherwise(tmp_path, sh
     save_prompt_cache(path, cache)
     with pytest.raises(CacheStateError, match="holds the KV heads of rank 0 of 3 .* computes those of rank 1 of 3"):
         tq_mlx.load_prompt_cache(path, model=sharded_smol, config="k4v4")
+
+
+def test_two_ranks_are_refused_for_three_kv_heads_before_any_sharding(smol):
+    with pytest.raises(ValueError, match="3 KV heads, which do not split over 2 processes.* on 1 or 3 processes"):
+        distributed.shard_model(smol[0], FakeGroup(0, 2))
+    assert smol[0].layers[0].self_attn.n_kv_heads == 3  # left whole
+
+
+def test_an_architecture_without_mlx_lm_sharding_is_refused_naming_those_with_it():
+    with pytest.raises(ValueError, match=r"gemma3_text architecture has no tensor-parallel .*: .*llama, .*qwen3"):
+        distributed.shard_model(build_model("gemma3_text"), FakeGroup(0, 2))
