@@ -16,7 +16,10 @@ import sys
 from pathlib import Path
 
 OUT = "tq-bench-results"
-DEFAULT_PRESETS = "k8v8,k8v4,k4v8,k4v4,k4v3,k3v4,k3v3,k2v2,2.5,3.5-split,k4v4-qjl,hqmq-s24r3,hqmq-s96r4,hqmq-s192r6"
+DEFAULT_PRESETS = (
+    "k8v8,k8v4,k4v8,k4v4,k4v3,k3v4,k3v3,k2v2,2.5,3.5-split,k4v4-qjl,k4v4-tcq,k3v3-tcq,k2v2-tcq,"
+    "hqmq-s24r3,hqmq-s96r4,hqmq-s192r6"
+)
 
 
 def _list(s, cast=str):

@@ -30,23 +30,24 @@ ASSUMPTIONS = {
 }
 
 
-def instructions_per_key_row(D: int, kb: int, vb: int, G: int) -> float:
+def instructions_per_key_row(D: int, kb: int, vb: int, G: int, k_trellis=False, v_trellis=False) -> float:
     """tq_decode's instruction count per key row (per simdgroup step over KPI keys), by the same hand count
-    as the comment in metal_kernels/tq_decode.metal (78 at D=128, G=4, 4/4 bits)."""
+    as the comment in metal_kernels/tq_decode.metal (78 at D=128, G=4, 4/4 bits; 87 with trellis codes)."""
     nc = D // 8
     lpk = 8 if nc <= 8 else 16 if nc <= 16 else 32
     kpi = 32 // lpk
     gh = 1 if G == 1 else 2 if G == 2 else 4
 
-    def unpack(b, addr):  # row address, loads (+ a funnel shift across words), 8 codes, lookups, norm
+    def unpack(b, addr, trellis):  # row address, loads (+ a funnel shift across words), 8 codes, lookups, norm
         words = 1 if 8 * b <= 32 else 2
         funnel = 0 if 32 % (8 * b) == 0 or 8 * b == 64 else 6
-        return addr + words + funnel + 15 + 8 + 2
+        windows = 9 if trellis else 0  # previous chunk's bits: shuffle, shift, 3 to join, 4 more to cut
+        return addr + words + funnel + 15 + windows + 8 + 2
 
     stages = gh.bit_length() - 1
     reduce = sum(4 * (gh >> (s + 1)) for s in range(stages)) + 2 * ((lpk // gh).bit_length() - 1)
     scores, accumulate, weights, softmax, loop = 8 * gh, 8 * gh, 2 * gh, 8, 3
-    step = unpack(kb, 3) + unpack(vb, 2) + scores + reduce + softmax + weights + accumulate + loop
+    step = unpack(kb, 3, k_trellis) + unpack(vb, 2, v_trellis) + scores + reduce + softmax + weights + accumulate + loop
     return step / kpi
 
 
@@ -62,6 +63,16 @@ def step_bytes(preset: str, H: int, D: int, T: int) -> int:
     return H * (T - cfg.fp_sink) * per + H * cfg.fp_sink * 2 * D * 2
 
 
+def viterbi_instructions(preset: str, H: int, D: int) -> float:
+    """tq_viterbi's simdgroup instructions per decode step (one token per head on average), by the hand count
+    in metal_kernels/tq_viterbi.metal: 2 D steps of ~6 x 2^b + 8 per thread, 64 threads (2 simdgroups)."""
+    import tq_mlx
+
+    cfg = tq_mlx.resolve_config(preset)
+    per = [2 * 2 * D * (6 * 2 ** int(s.bits) + 8) for s in (cfg.keys, cfg.values) if s.grid == "trellis"]
+    return H * sum(per)
+
+
 def modelled_ms(nbytes: int, launches: int, instr: float = 0.0, chip=(400, 38, 1.4)) -> float:
     """max(bandwidth floor, instruction floor) + launches x launch cost, in ms."""
     gbps, cores, ghz = chip
@@ -71,7 +82,9 @@ def modelled_ms(nbytes: int, launches: int, instr: float = 0.0, chip=(400, 38, 1
 
 
 def count_launches(preset: str, H: int, D: int, G: int):
-    """(launches of one kernel-path decode step, its CustomKernel count) for a small cache of `preset`."""
+    """(launches of one kernel-path decode step, its CustomKernel count) for a small cache of `preset`.
+    A codec that encodes E staged tokens at a time (trellis codes) is counted as the mean over the E steps
+    of one cycle after the first (each traced): E - 1 staging steps and the step that encodes."""
     import tq_mlx
     from tq_mlx.attention import attention
 
@@ -79,12 +92,29 @@ def count_launches(preset: str, H: int, D: int, G: int):
     k = mx.random.normal((1, H, 80, D)).astype(mx.float16)
     cache.update_and_fetch(k, k)
     mx.eval(attention(cache, mx.random.normal((1, H * G, 80, D)).astype(mx.float16), D**-0.5, "causal"))
-    for c in (cache.k_codec, cache.v_codec):  # encoded on this CPU; the traced step encodes with tq_encode
-        c.kernel_encode = c.kernel_reason() is None
     q = mx.random.normal((1, H * G, 1, D)).astype(mx.float16)
     x = mx.random.normal((1, H, 1, D)).astype(mx.float16)
+    E = cache._block
+
+    def step():
+        cache.update_and_fetch(x, x)
+        mx.eval(attention(cache, q, D**-0.5))
+
+    if E > 1:  # one cycle of decode steps (the window's buffers then hold one block), to the next cycle's start
+        for _ in range(E):
+            step()
+        while cache.window.length != cache.window_size:
+            step()
+    for c in (cache.k_codec, cache.v_codec):  # encoded on this CPU; traced steps encode with tq_encode / tq_viterbi
+        c.kernel_encode = c.kernel_encodes()
     launches, _ = trace_step(cache, q, x, x, D**-0.5, "metal")
-    return sum(launches.values()), launches["CustomKernel"]
+    if E == 1:
+        return sum(launches.values()), launches["CustomKernel"]
+    total = sum(launches.values())
+    for _ in range(E - 1):  # the rest of the cycle: the last step encodes the E staged tokens
+        step()
+        total += sum(trace_step(cache, q, x, x, D**-0.5, "metal")[0].values())
+    return total / E, launches["CustomKernel"]
 
 
 def _time(fn, repeats):
@@ -159,7 +189,9 @@ def main(argv=None):
 
         cfg = tq_mlx.resolve_config(preset)
         n, kernels_n = count_launches(preset, H, D, G)
-        instr = instructions_per_key_row(D, int(cfg.keys.bits), int(cfg.values.bits), G)
+        instr = instructions_per_key_row(
+            D, int(cfg.keys.bits), int(cfg.values.bits), G, cfg.keys.grid == "trellis", cfg.values.grid == "trellis"
+        )
         per[preset] = {"launches": n, "kernel_launches": kernels_n, "instructions_per_key_row": instr}
     for T in contexts:
         fp_bytes = 2 * H * T * D * 2
@@ -171,7 +203,7 @@ def main(argv=None):
         for preset in presets:
             b = step_bytes(preset, H, D, T)
             hg = -(-G // (1 if G == 1 else 2 if G == 2 else 4))
-            instr = per[preset]["instructions_per_key_row"] * T * H * hg
+            instr = per[preset]["instructions_per_key_row"] * T * H * hg + viterbi_instructions(preset, H, D)
             row = {
                 "context": T,
                 "method": preset,
@@ -235,6 +267,10 @@ def main(argv=None):
                     "- latency = max(KV bytes / (efficiency x peak bandwidth), key rows x instructions per key row /"
                     " (cores x issue x clock)) + launches x launch cost; fp16 at its bandwidth floor only;",
                     "- instructions per key row: the hand count in metal_kernels/tq_decode.metal, not a compiler's;",
+                    "- trellis (-tcq) presets: launches are the mean over the 16 steps of a cycle, 15 staging and one"
+                    " encoding the 16 staged tokens with the tq_viterbi kernel (K and V); that kernel's instructions"
+                    " (hand count) are in the instruction floor, its serial latency (per vector 2 d barrier-separated"
+                    " steps and two backtracks, every 16th step) is not modelled;",
                     "- nothing here ran on a Mac unless the 'Measured' table is present.",
                 ]
             ),

@@ -80,7 +80,7 @@ def check(D, kb, vb, G, T, tiny, seed=0):
     if tiny:
         cache = tq_mlx.TurboQuantKVCache.from_state(cache.state)  # exactly-sized buffers
     for codec in (cache.k_codec, cache.v_codec):  # new tokens encode through tq_encode
-        codec.kernel_encode = codec.kernel_reason() is None
+        codec.kernel_encode = codec.kernel_encodes()
     err = 0.0
     for step in range(2):
         x = mx.random.normal((1, H, 1, D), key=mx.random.key(seed + 2 + step))

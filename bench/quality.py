@@ -73,7 +73,7 @@ def kv_dims(model):
 def held(c) -> int:
     """Tokens a layer's cache holds."""
     if isinstance(c, tq_mlx.TurboQuantKVCache):
-        return c.size()
+        return c.held()
     k = c.keys[0] if isinstance(c.keys, (tuple, list)) else c.keys
     return 0 if k is None else min(c.offset, k.shape[2])
 

@@ -79,20 +79,6 @@ def fingerprint(model) -> dict:
     return {k: args[k] for k in _FINGERPRINT if isinstance(args.get(k), (int, str))}
 
 
-def fp16_bytes(c) -> int:
-    """What an fp16 K/V cache layer would hold for the tokens this layer holds."""
-    if isinstance(c, tq_mlx.TurboQuantKVCache):
-        if c.shape is None:
-            return 0
-        b, h, dk, dv = c.shape
-        return 2 * b * h * c.size() * (dk + dv)
-    keys, values = getattr(c, "keys", None), getattr(c, "values", None)
-    if keys is None or values is None or not hasattr(c, "size"):
-        return c.nbytes
-    b, h, _, dk = keys.shape
-    return 2 * b * h * c.size() * (dk + values.shape[-1])
-
-
 def read_meta(path) -> dict:
     """The session metadata of a file written by Session.save (mlx-lm stores it as "2.tq_chat")."""
     _, raw = mx.load(str(path), return_metadata=True)
@@ -342,7 +328,7 @@ class Session:
         """tokens; kv_bytes held; fp16_bytes an fp16 cache of the same tokens would hold; ratio of the two,
         None while nothing is compressed yet (every layer still in its exact phase, or empty)."""
         kv = sum(c.nbytes for c in self.cache)
-        fp16 = sum(fp16_bytes(c) for c in self.cache)
+        fp16 = sum(describe.fp16_bytes(c) for c in self.cache)
         per_rank = None
         if self.group is not None:  # every rank calls this: the figures are gathered
             per_rank = distributed.gather_ints([kv, fp16], self.group)

@@ -43,6 +43,32 @@ METAL_FUNC uint tq_code(uint2 x, int i) {
   return ((x.x >> o) | (x.y << (32 - o))) & M;
 }
 
+// Trellis codes (tq_mlx/trellis.py): code i of a chunk is read through the L-bit window that ends with its
+// B bits, so a chunk also needs the top P = L - B bits of the previous chunk (circularly: chunk 0 takes the
+// last chunk's).  tq_trellis_bits joins them, (prefix | chunk << P) as a 64-bit (lo, hi) pair, for B <= 4
+// (a chunk's 8B bits then sit in chunk.x, and the previous chunk's in prev.x).
+template <int B, int L>
+METAL_FUNC uint2 tq_trellis_bits(uint2 chunk, uint prev) {
+  constexpr int P = L - B;  // 1..31 (kernels instantiate this with a placeholder L when TL = 0)
+  constexpr int SH = (8 * B - P) & 31;
+  const uint prefix = (prev >> SH) & ((1u << P) - 1u);
+  return uint2(prefix | (chunk.x << P), chunk.x >> (32 - P));
+}
+
+// Window i (0..7) of tq_trellis_bits: bits [B i, B i + L), the table index of code i.
+template <int B, int L>
+METAL_FUNC uint tq_window(uint2 x, int i) {
+  constexpr uint M = (1u << L) - 1u;
+  const int o = B * i;
+  if (o + L <= 32) {
+    return (x.x >> o) & M;
+  }
+  if (o >= 32) {
+    return (x.y >> (o - 32)) & M;
+  }
+  return ((x.x >> o) | (x.y << (32 - o))) & M;
+}
+
 // In-place unnormalised Walsh-Hadamard transform (Sylvester order) of `count` vectors of n = 2^k
 // floats, contiguous in threadgroup memory, by `nthreads` threads; every thread of the threadgroup
 // must call it (it has barriers).

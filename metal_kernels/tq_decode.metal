@@ -1,10 +1,12 @@
 // TurboQuant decode attention (one query token) as partial softmax sums per key block.
-// Template: QT (query dtype), NT (norm dtype), D (multiple of 8), KB / VB (K / V code bits, 1..8),
+// Template: QT (query dtype), NT (norm dtype), D (multiple of 8), KB / VB (K / V code bits, 1..8), KL / VL
+//           (0: Lloyd-Max codes, the code indexes the codebook; else trellis codes, KB / VB <= 4, indexed by the
+//           KL / VL-bit window ending with the code, tq_common.h),
 //           G (query heads per KV head), GH (query heads per threadgroup: 1, 2 or 4), ROT (0: Hadamard,
 //           `qmap` (H, D) scales q before the unnormalised transform; 1: dense, q' = qmap[h] q).
 // Inputs:  q (B*H*G*D) QT raw queries; scale (float); qmap; kmr (H, D) f32 key mean in the stored domain;
 //          kc (B, H, cap, WK) u32, kn (B, H, cap) NT, vc (B, H, cap, WV) u32, vn (B, H, cap) NT: the code
-//          store's full buffers; kcb (2^KB), vcb (2^VB) f32 codebooks; sk, sv (B, H, S, D) fp16 sink tokens;
+//          store's full buffers; kcb (2^KB or 2^KL), vcb (2^VB or 2^VL) f32 codebooks or trellis tables; sk, sv (B, H, S, D) fp16 sink tokens;
 //          wk, wv (B, H, RC, D) fp16 window ring; params int32 [T, BLK, S, R]: coded tokens, keys per block,
 //          sink and window tokens, read at run time (no recompile per step).
 // Outputs: po (B*H*G, NB + 1, D), pm, pl (B*H*G, NB + 1) f32: for block b < NB the codes [b*BLK, b*BLK + BLK)
@@ -31,6 +33,9 @@
 //   total 156 per step = 78 per key row (target <= 80; fp16 sdpa_vector is bandwidth-bound at ~110).
 // The rescale path (a new running max somewhere in the simdgroup) costs ~45 more, taken rarely after the
 // first keys of a block.
+// Trellis codes (KL = VL = 10 at KB = VB = 4) read windows instead of codes: per chunk a shuffle and a shift
+// for the previous chunk's bits, 3 to join them, and 19 instead of 15 to cut 8 windows: +9 for K, +9 for V
+// = 174 per step = 87 per key row.
     constexpr int NSG = 8;
     constexpr int NC = D / 8;  // 8-dim chunks per vector
     constexpr int LPK = NC <= 8 ? 8 : (NC <= 16 ? 16 : 32);
@@ -38,9 +43,13 @@
     constexpr int WK = (D * KB + 31) / 32;
     constexpr int WV = (D * VB + 31) / 32;
     constexpr int HG = (G + GH - 1) / GH;
+    constexpr int KN = 1 << (KL ? KL : KB);  // codebook or trellis table entries
+    constexpr int VN = 1 << (VL ? VL : VB);
+    constexpr int KLX = KL ? KL : KB + 1;  // window bits as a template argument (unused when KL = 0)
+    constexpr int VLX = VL ? VL : VB + 1;
 
-    threadgroup float kcb_tg[1 << KB];
-    threadgroup float vcb_tg[1 << VB];
+    threadgroup float kcb_tg[KN];
+    threadgroup float vcb_tg[VN];
     threadgroup float qs_tg[GH * D];
     threadgroup float qr_tg[GH * D];
     threadgroup float qmk_tg[GH];
@@ -67,8 +76,8 @@
     const int R = params[3];
 
     // 1. codebooks and the GH queries (scaled, base 2) into threadgroup memory
-    for (uint i = tid; i < uint(1 << KB); i += ntg) { kcb_tg[i] = kcb[i]; }
-    for (uint i = tid; i < uint(1 << VB); i += ntg) { vcb_tg[i] = vcb[i]; }
+    for (uint i = tid; i < uint(KN); i += ntg) { kcb_tg[i] = kcb[i]; }
+    for (uint i = tid; i < uint(VN); i += ntg) { vcb_tg[i] = vcb[i]; }
     for (uint i = tid; i < uint(GH * D); i += ntg) {
         const int g = hg * GH + int(i) / D;
         const float x = g < G ? float(q[(size_t(bh) * G + g) * D + int(i) % D]) * scale * TQ_LOG2E : 0.0f;
@@ -105,6 +114,7 @@
     const int c = int(lane) % LPK;
     const int ks = int(lane) / LPK;
     const bool active = c < NC;
+    const ushort prev_lane = ushort(ks * LPK + (c + NC - 1) % NC);  // trellis: the previous chunk's lane
     int mine = 0;
     int src[GH];
     for (int gg = 0; gg < GH; ++gg) { src[gg] = ks * LPK; }
@@ -157,9 +167,13 @@
             const size_t r = size_t(bh) * cap + tl;
             const uint2 xk = active ? tq_chunk_bits<KB>(kc + r * WK, c) : uint2(0u, 0u);
             const uint2 xv = active ? tq_chunk_bits<VB>(vc + r * WV, c) : uint2(0u, 0u);
+            const uint2 wk8 = tq_trellis_bits<KB, KLX>(xk, KL ? simd_shuffle(xk.x, prev_lane) : 0u);
+            const uint2 wv8 = tq_trellis_bits<VB, VLX>(xv, VL ? simd_shuffle(xv.x, prev_lane) : 0u);
             for (int i = 0; i < 8; ++i) {
-                kv[i] = active ? kcb_tg[tq_code<KB>(xk, i)] : 0.0f;
-                vv[i] = active ? vcb_tg[tq_code<VB>(xv, i)] : 0.0f;
+                const uint ik = KL ? tq_window<KB, KLX>(wk8, i) : tq_code<KB>(xk, i);
+                const uint iv = VL ? tq_window<VB, VLX>(wv8, i) : tq_code<VB>(xv, i);
+                kv[i] = active ? kcb_tg[ik] : 0.0f;
+                vv[i] = active ? vcb_tg[iv] : 0.0f;
             }
             kscale = float(kn[r]);
             vscale = float(vn[r]);

@@ -1,13 +1,14 @@
 // Dequantize packed TurboQuant codes into the stored domain, y_t = n_t * c[idx_t], for prefill.
-// Template: NT (norm dtype), OT (output dtype), D (multiple of 8), BITS.
-// Inputs:  codes (B, H, cap, W) u32 (dense little-endian bit strings); norm (B, H, cap) NT; cb (2^BITS,) f32;
-//          params int32 [T].
+// Template: NT (norm dtype), OT (output dtype), D (multiple of 8), BITS, TL (0: Lloyd-Max codes, idx = the
+//           code; else trellis codes, idx = the TL-bit window ending with the code).
+// Inputs:  codes (B, H, cap, W) u32 (dense little-endian bit strings); norm (B, H, cap) NT; cb (2^BITS or
+//          2^TL,) f32: the codebook or the trellis table; params int32 [T].
 // Output:  y (B, H, T, D) OT.
 // Grid (NC, B*H*T, 1) threads, NC = D / 8, threadgroup (NC, TY, 1): one thread per 8-dim chunk of one token;
 // the last threadgroup may be partial.
     constexpr int NC = D / 8;
     constexpr int W = (D * BITS + 31) / 32;
-    constexpr int NL = 1 << BITS;
+    constexpr int NL = 1 << (TL ? TL : BITS);
 
     threadgroup float cb_tg[NL];
 
@@ -28,5 +29,15 @@
         const size_t src = size_t(row / T) * cap + row % T;
         const uint2 x = tq_chunk_bits<BITS>(codes + src * W, c);
         const float n = float(norm[src]);
-        for (int i = 0; i < 8; ++i) { y[size_t(row) * D + 8 * c + i] = static_cast<OT>(cb_tg[tq_code<BITS>(x, i)] * n); }
+        if (TL) {
+            const uint prev = tq_chunk_bits<BITS>(codes + src * W, (c + NC - 1) % NC).x;
+            const uint2 xw = tq_trellis_bits<BITS, TL ? TL : BITS + 1>(x, prev);
+            for (int i = 0; i < 8; ++i) {
+                y[size_t(row) * D + 8 * c + i] = static_cast<OT>(cb_tg[tq_window<BITS, TL ? TL : BITS + 1>(xw, i)] * n);
+            }
+        } else {
+            for (int i = 0; i < 8; ++i) {
+                y[size_t(row) * D + 8 * c + i] = static_cast<OT>(cb_tg[tq_code<BITS>(x, i)] * n);
+            }
+        }
     }

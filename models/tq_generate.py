@@ -15,6 +15,7 @@ import importlib
 import sys
 
 import tq_mlx
+from tq_mlx import describe
 
 from . import distributed, mlx_lm_hook
 from .watchdog import Watchdog, run_command
@@ -26,23 +27,11 @@ _stream_generate = mlx_generate.stream_generate
 ERRORS = (mlx_lm_hook.UnsupportedMlxLmError, OSError, ValueError, NotImplementedError)
 
 
-def _fp16_bytes(cache) -> int:
-    fp16 = 0
-    for c in cache:
-        if isinstance(c, tq_mlx.TurboQuantKVCache) and c.shape is not None:
-            b, h, dk, dv = c.shape
-            fp16 += b * h * (dk + dv) * 2 * c.size()
-        elif getattr(c, "keys", None) is not None:
-            b, h, _, dk = c.keys.shape
-            fp16 += b * h * (dk + c.values.shape[-1]) * 2 * c.size()
-    return fp16
-
-
 def kv_summary(cache, group=None) -> str:
     """One line: bytes held, tokens, config, and what mlx-lm's fp16 cache would hold; on a group of
     several processes (every rank must call it: the figures are gathered) the totals of all ranks,
     then each rank's bytes."""
-    held, fp16 = sum(c.nbytes for c in cache), _fp16_bytes(cache)
+    held, fp16 = sum(c.nbytes for c in cache), sum(describe.fp16_bytes(c) for c in cache)
     per_rank = None
     if group is not None and group.size() > 1:
         per_rank = distributed.gather_ints([held, fp16], group)

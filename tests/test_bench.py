@@ -5,7 +5,7 @@ import json
 import mlx.core as mx
 import pytest
 
-from tq_mlx.bench import cli, quality, report
+from tq_mlx.bench import cli, quality, report, summary
 
 TEXT = " ".join(
     f"Sentence {i} of the filler says that the weather at the old house was mild and the garden quiet."
@@ -143,6 +143,9 @@ def test_quality_cli(tmp_path, text):
         assert {"kl_mean", "kl_max", "top1", "ppl", "bpe_marginal", "bpe_model"} <= set(e[name])
     assert e["fp"]["kl_mean"] == 0 and e["k4v4"]["bpe_marginal"] == pytest.approx(4.25, abs=0.05)
     assert e["affine4"]["bpe_marginal"] == pytest.approx(4.5)
+    table = summary.table(summary.load([out / "q.json"]), ["k4v4", "no-such-preset", "absent"])
+    row = table.splitlines()[-1].split(" | ")
+    assert row[3] == report.fmt(e["k4v4"]["kl_mean"], 4) and row[4:6] == ["error", "-"]
 
 
 @pytest.mark.model

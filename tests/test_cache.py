@@ -8,7 +8,7 @@ import pytest
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 import tq_mlx
-from tq_mlx import CacheStateError, TurboQuantKVCache
+from tq_mlx import CacheStateError, TurboQuantKVCache, describe
 from tq_mlx.patch import tq_scaled_dot_product_attention as sdpa
 
 
@@ -164,6 +164,16 @@ def test_nbytes_counts_codes_not_fp():
     side = cache.k_codec.side_nbytes + cache.v_codec.side_nbytes
     assert cache.window.nbytes == 0 and cache.nbytes == cache.codes.nbytes + side  # capacity included
     assert fp16_bytes / cache.nbytes > 3.5
+
+
+def test_a_sliding_layer_right_after_a_chunk_counts_every_token_it_holds():
+    d, h, w = 128, 4, 1024
+    cache = _tq("k4v4", max_size=w)
+    k, v = _kv(h, 2 * w, d)
+    _fill(cache, k, v, chunks=(0.25, 0.5, 0.75))  # chunks of 512: the last one is held whole with the window
+    assert cache.size() == w and cache.held() == w + 512 - 1  # as mlx-lm's RotatingKVCache holds them
+    assert describe.fp16_bytes(cache) == 2 * h * cache.held() * d * 2
+    assert describe.fp16_bytes(cache) / cache.nbytes > 3.5
 
 
 def test_no_bits_attribute_routes_mlx_lm_to_affine_path():

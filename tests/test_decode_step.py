@@ -17,8 +17,9 @@ from tq_mlx.bench.launches import fp_cache_launches, trace_step
 LAUNCH_BUDGET = 8  # beyond mlx-lm's fp cache, per layer per decode step (update and attention together)
 
 
-def _filled(config, H, D, T, metal, dtype=mx.float16, max_size=None, **overrides):
-    """A calibrated cache of T tokens (encoded through the kernels on the emulator when `metal`)."""
+def _filled(config, H, D, T, metal, dtype=mx.float16, max_size=None, steps=3, **overrides):
+    """A calibrated cache of T tokens then `steps` decode steps (through the kernels on the emulator
+    when `metal`)."""
     cfg = tq_mlx.resolve_config(config, quant_start=0, **overrides)
     c = tq_mlx.TurboQuantKVCache(cfg, max_size=max_size)
     k = mx.random.normal((1, H, T, D), key=mx.random.key(T)).astype(dtype)
@@ -28,7 +29,7 @@ def _filled(config, H, D, T, metal, dtype=mx.float16, max_size=None, **overrides
         with emulated(check_races=False):
             c.update_and_fetch(k, k)
             mx.eval(attention(c, mx.random.normal((1, 4 * H, T, D)).astype(dtype), D**-0.5, "causal"))
-            for _ in range(3):  # decode steps: a sliding window wraps its ring
+            for _ in range(steps):  # decode steps: a sliding window wraps its ring
                 c.update_and_fetch(k[:, :, :1], k[:, :, :1])
                 mx.eval(attention(c, mx.random.normal((1, 4 * H, 1, D)).astype(dtype), D**-0.5))
             mx.eval([a for st in (c.exact, c.sink, c.codes, c.window) for a in st.buffers.values()])
@@ -64,7 +65,21 @@ def test_kernel_path_decode_step_has_no_host_sync_and_fits_the_launch_budget(con
     assert not {"Concatenate", "Copy"} & set(prims)  # nothing copies the cache
 
 
-@pytest.mark.parametrize("config", ["k4v4", "k4v4-fast", "2.5", "hqmq-s24r3", "fp16"])
+@pytest.mark.parametrize("steps,encodes", [(3, False), (15, True)])
+def test_trellis_decode_steps_stage_without_host_sync_and_encode_every_16th(steps, encodes):
+    H, D = 2, 128
+    cache = _filled("k4v4-tcq", H, D, 300, metal=True, steps=steps)
+    launches, _ = trace_step(cache, *_step_inputs(H, D), D**-0.5, "metal")
+    # tq_decode, tq_merge; the 16th staged token also runs tq_viterbi for K and V (no host sync either)
+    assert launches["CustomKernel"] == 2 + 2 * encodes
+    assert "ArgReduce" not in launches  # no Viterbi search in MLX ops
+    # measured beyond the fp cache: 1 (staging: the window written), 7 (encoding: + tq_viterbi x 2, the codes
+    # and norms of K and V written; the emptied window keeps its buffers)
+    assert sum(launches.values()) - fp_cache_launches(cache.size()) <= LAUNCH_BUDGET, launches
+    assert not {"Concatenate", "Copy"} & set(launches)
+
+
+@pytest.mark.parametrize("config", ["k4v4", "k4v4-fast", "2.5", "hqmq-s24r3", "fp16", "k4v4-tcq"])
 def test_reference_path_decode_step_has_no_host_sync(config):
     H, D = 2, 64
     cache = _filled(config, H, D, 40, metal=False, fp_window=4)

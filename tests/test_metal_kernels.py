@@ -65,6 +65,8 @@ DECODE_CASES = [
     ("k3v2", 80, 1, 2, False),
     ("k5v6", 96, 2, 0, True),
     (CacheConfig(keys=CodecSpec(bits=4, query_weighting="full"), values=CodecSpec(bits=4)), 64, 8, 3, False),
+    ("k4v4-tcq", 128, 4, 2, True),  # trellis windows: 10 bits across chunk and word boundaries
+    ("k3v2-tcq", 64, 2, 0, False),
 ]
 
 
@@ -111,9 +113,8 @@ def test_prefill_on_the_kernels_matches_the_reference(config, D, dtype, monkeypa
     _close(got, ref, 1e-4 if dtype == mx.float32 else 2e-2)
 
 
-@pytest.mark.parametrize("D,bits,weights", [(64, 4, "diag"), (128, 3, None), (80, 5, "diag"), (256, 8, "full")])
-def test_encode_kernel_gives_the_reference_codes(D, bits, weights):
-    H, T = 2, 21  # rows 42: a partial last threadgroup
+def mean_and_weights(H, D, weights):
+    """A centring mean (H, D) and channel weights: None, "diag" (H, D) or "full" (H, D, D) matrices."""
     mean = mx.random.normal((H, D), key=mx.random.key(1)) * 0.3
     w = None
     if weights == "diag":
@@ -121,6 +122,13 @@ def test_encode_kernel_gives_the_reference_codes(D, bits, weights):
     elif weights == "full":
         a = np.eye(D) + 0.05 * np.random.default_rng(3).standard_normal((H, D, D))
         w = mx.array(a.astype(np.float32))
+    return mean, w
+
+
+@pytest.mark.parametrize("D,bits,weights", [(64, 4, "diag"), (128, 3, None), (80, 5, "diag"), (256, 8, "full")])
+def test_encode_kernel_gives_the_reference_codes(D, bits, weights):
+    H, T = 2, 21  # rows 42: a partial last threadgroup
+    mean, w = mean_and_weights(H, D, weights)
     ref_codec = TurboQuant(D, H, bits, mean=mean, weight=w, seed=bits)
     kern_codec = TurboQuant(D, H, bits, mean=mean, weight=w, seed=bits, use_kernels=True)
     x = mx.random.normal((1, H, T, D), key=mx.random.key(D))
@@ -136,12 +144,22 @@ def test_encode_kernel_gives_the_reference_codes(D, bits, weights):
     )
 
 
-@pytest.mark.parametrize("D,bits,dtype", [(80, 3, mx.float32), (128, 4, mx.float16), (256, 7, mx.float32)])
-def test_dequant_kernel(D, bits, dtype):
-    codec = TurboQuant(D, 2, bits, seed=bits)
+@pytest.mark.parametrize(
+    "D,bits,dtype,grid",
+    [
+        (80, 3, mx.float32, "lloyd-max"),
+        (128, 4, mx.float16, "lloyd-max"),
+        (256, 7, mx.float32, "lloyd-max"),
+        (64, 4, mx.float32, "trellis"),
+        (96, 3, mx.float32, "trellis"),
+        (128, 2, mx.float16, "trellis"),
+    ],
+)
+def test_dequant_kernel(D, bits, dtype, grid):
+    codec = TurboQuant(D, 2, bits, seed=bits, grid=grid)
     enc = codec.encode(mx.random.normal((1, 2, 33, D), key=mx.random.key(bits)))
     with emulated():
-        y = K.dequantize(enc["codes0"], enc["norm0"], codec.levels, 33, D, dtype)
+        y = K.dequantize(enc["codes0"], enc["norm0"], codec.levels, 33, D, dtype, fmt=codec.kernel_format)
         mx.eval(y)
     ref = np.array(codec.segment_values(enc))
     np.testing.assert_allclose(
@@ -152,9 +170,10 @@ def test_dequant_kernel(D, bits, dtype):
     )
 
 
-def test_ubsan_over_the_bit_unpacking(monkeypatch):
-    """Encode, decode (with a straddling width) and dequant under UBSan: no shift of 32 or more."""
-    cache = _cache("k5v3", 1, 80, 20, seed=11)
+@pytest.mark.parametrize("config", ["k5v3", "k4v3-tcq"])
+def test_ubsan_over_the_bit_unpacking(config, monkeypatch):
+    """Encode, decode (with a straddling width, trellis windows) and dequant under UBSan: no shift of 32 or more."""
+    cache = _cache(config, 1, 80, 20, seed=11)
     _step(cache, 1, 80, seed=12)
     got, ref = _both(cache, mx.random.normal((1, 2, 1, 80)), 0.1, None, None, monkeypatch, ubsan=True)
     _close(got, ref, 2e-5)

@@ -15,7 +15,9 @@ into mlx-lm by `tq_mlx.patch`) reads the cache's blocks instead.
    token moves out: the first `fp_sink` into the fp16 `sink` store, the newest
    `fp_window` into the fp16 `window` store, the rest into `codes`.
 3. Compressed phase.  A new token goes into the window (whose oldest token is
-   encoded into codes), or straight into codes when there is no window.
+   encoded into codes), or straight into codes when there is no window.  A codec
+   with a slow encoder (trellis codes: `encode_block` > 1) has its tokens staged in
+   the window, in fp16, until `encode_block` of them can be encoded together.
 4. What `update_and_fetch` hands back.  At first, the whole cache as arrays (the exact
    tokens, or their codes decoded: lazily, so nothing is computed unless the model reads
    them), so a model that attends by itself (hand-written softmax, MLA's rope scores, KV
@@ -143,7 +145,9 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
     def _stores(self):
         return (self.exact, self.sink, self.codes, self.window)
 
-    def _held(self) -> int:
+    def held(self) -> int:
+        """Tokens stored now (a sliding layer holds up to max_size + L - 1 right after an L-token update,
+        as mlx-lm's RotatingKVCache does; size() reports at most max_size)."""
         return sum(s.length for s in self._stores())
 
     # ---- input checks ----------------------------------------------------
@@ -223,7 +227,7 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
             self.shape = (b, h, dk, values.shape[-1])
         if self.max_size is not None and not self._rings_full(n):
             # mlx-lm's rotating semantics: a new token or chunk sees the max_size - 1 newest older tokens
-            self._drop_front(self._held() + 1 - self.max_size)
+            self._drop_front(self.held() + 1 - self.max_size)
         self.offset += n
         self.dtype = keys.dtype
         if not self.calibrated:
@@ -260,8 +264,13 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
         n = tokens["k"].shape[2]
         if n == 0:
             return
-        R, win = self.window_size, self.window
+        R, win, E = self.window_size, self.window, self._block
         half = {k: v.astype(mx.float16) for k, v in tokens.items()}
+        if E > 1:  # staged: encoded E or more at a time, the newest R kept
+            win.append(half)
+            if win.length >= R + E:
+                self.codes.append(self._encode(win.take_front(win.length - R)))
+            return
         if R == 0:
             self.codes.append(self._encode(tokens))
         elif n == 1 and win.length == R:  # a decode step: the oldest window token goes to codes
@@ -277,10 +286,25 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
         return (
             n == 1
             and self.calibrated
+            and self._block == 1
             and self.codes.length == self.codes.ring[0]
             and self.window.length == self.window_size
             and self.exact.length == 0
         )
+
+    @property
+    def _block(self) -> int:
+        """Tokens the codecs encode together (1 before calibration)."""
+        return max((c.encode_block for c in (self.k_codec, self.v_codec) if c is not None), default=1)
+
+    def _configure_window(self):
+        """Once the codecs are known: a codec that encodes in blocks stages tokens in a window that grows
+        to window_size + block - 1 tokens (not a ring); its contents are kept."""
+        E = self._block
+        if E > 1 and (self.window.ring is not None or self.window.step != E):
+            staged = TokenStore(step=E)
+            staged.load(self.window.ordered())
+            self.window = staged
 
     @property
     def _keeps_front(self) -> bool:
@@ -289,7 +313,7 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
 
     def maybe_trim_front(self):
         """Chunked attention (mlx-lm's ChunkedKVCache): forget all but the newest chunk_size tokens."""
-        drop = self._held() - self.chunk_size
+        drop = self.held() - self.chunk_size
         if drop > 0:
             self._drop_front(drop)
             self.start_position += drop
@@ -333,8 +357,8 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
             if take:
                 q = queries.reshape(*queries.shape[:2], -1, L, queries.shape[3])[:, :, :, :take]
                 self.qstats.add(q.reshape(*q.shape[:2], -1, q.shape[4]))
-        if self._held() >= max(Q, 1):
-            self._calibrate(self._held() if Q == 0 else Q)
+        if self.held() >= max(Q, 1):
+            self._calibrate(self.held() if Q == 0 else Q)
 
     def _calibrate(self, n: int):
         """Build the codecs from the first n exact tokens (and their queries) and store every exact token."""
@@ -350,6 +374,7 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
         mx.eval([c.constants() for c in (self.k_codec, self.v_codec)])  # ready, and usable from any thread
         self.calibration_length, self.qstats = n, None
         self.exact = TokenStore()
+        self._configure_window()
         self._store(tokens)
 
     # ---- what attention reads -------------------------------------------------
@@ -395,10 +420,10 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
     # ---- mlx-lm protocol ----------------------------------------------------------
     def size(self) -> int:
         """Tokens in context, as mlx-lm counts them (a sliding window reports at most max_size)."""
-        return self._held() if self.max_size is None else min(self.offset, self.max_size)
+        return self.held() if self.max_size is None else min(self.offset, self.max_size)
 
     def empty(self) -> bool:
-        return self._held() == 0
+        return self.held() == 0
 
     def is_trimmable(self) -> bool:
         return self.max_size is None or self.offset < self.max_size
@@ -406,7 +431,7 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
     def trim(self, n: int) -> int:
         """Forget the newest n tokens.  Trimming below `calibration_length` keeps the codecs (and the codes
         of the tokens left): the cache then differs from one that never saw the trimmed tokens."""
-        n = min(self.offset, n, self._held())
+        n = min(self.offset, n, self.held())
         left = n
         for st in (self.window, self.codes, self.sink, self.exact):
             d = min(left, st.length)
@@ -418,16 +443,16 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
 
     def make_mask(self, N: int, return_array: bool = False, window_size=None):
         if self.max_size is None:
-            return create_attention_mask(N, self._held(), return_array, window_size)
+            return create_attention_mask(N, self.held(), return_array, window_size)
         if N > 1:
             window_size = window_size or self.max_size
-            offset = min(self.max_size - 1, self._held())
+            offset = min(self.max_size - 1, self.held())
             if offset + N > window_size or return_array:
                 return create_causal_mask(N, offset, window_size=window_size)
             return "causal"
         if window_size is None or window_size >= self.max_size:
             return None
-        t = min(self._held() + 1, self.max_size)
+        t = min(self.held() + 1, self.max_size)
         return mx.arange(t) >= t - window_size
 
     @property

@@ -90,3 +90,4 @@ def restore(cache, st):
         except Exception as e:
             why = f"{type(e).__name__}: {e}"
             raise CacheStateError(f"corrupt cache state: the codecs cannot be rebuilt ({why})") from None
+        cache._configure_window()

@@ -37,6 +37,8 @@ class Codec(Protocol):
     def bits_per_element(self) -> float:
         """Stored bits per vector coordinate, per-token side data (norms, scales) included."""
 
+    encode_block: int  # tokens worth encoding together (1; more for a slow encoder: the cache stages them)
+
     @property
     def mean_rot(self) -> mx.array | None:
         """The centring mean in the stored domain, float32 (1, H, 1, d), or None.

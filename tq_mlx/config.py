@@ -10,7 +10,8 @@ import re
 from dataclasses import asdict, dataclass, field, fields, replace
 
 CODECS = ("turboquant", "hqmq", "fp16")
-GRIDS = ("lloyd-max", "uniform")
+GRIDS = ("lloyd-max", "uniform", "trellis")
+TRELLIS_BITS = (2, 3, 4)  # trellis.BITS: the widths with a shipped table
 
 
 def _check_bits(bits):
@@ -37,9 +38,11 @@ class CodecSpec:
         from the first queries and keys, and divide queries by the same weights
         (scores unchanged; quantization noise moved off the channels queries use).
         "full": a whitening matrix per head instead (lower error, d x d floats held).
-    grid: "lloyd-max" (TurboQuant) or "uniform": the same rotated, centred,
+    grid: "lloyd-max" (TurboQuant), "uniform": the same rotated, centred,
         weighted vectors in MLX's affine format, so attention runs on MLX's
-        quantized matmul kernels (the CPU speed option; bits 2, 3, 4, 5, 6, 8).
+        quantized matmul kernels (the CPU speed option; bits 2, 3, 4, 5, 6, 8),
+        or "trellis": trellis-coded quantization of the same vectors (2, 3, 4 bits;
+        lower error at the same bits, a slower encode; `tq_mlx/trellis.py`).
     hqmq: HQMQ configuration name, e.g. "s96_r4".
     """
 
@@ -62,6 +65,9 @@ class CodecSpec:
             raise ValueError(f"query_weighting must be True, False or 'full', got {self.query_weighting!r}")
         if self.grid not in GRIDS:
             raise ValueError(f"grid must be one of {GRIDS}, got {self.grid!r}")
+        widths = {int(self.bits), -int(-self.bits // 1)} if self.codec == "turboquant" else set()
+        if self.grid == "trellis" and (self.qjl or not widths <= set(TRELLIS_BITS)):
+            raise ValueError(f"the trellis grid codes {TRELLIS_BITS} bits without QJL, got bits={self.bits!r}")
 
 
 @dataclass(frozen=True)
@@ -129,6 +135,9 @@ PRESETS = {
     "k8v8-fast": _kv(8, 8, grid="uniform"),
     "k4v4-fast": _kv(4, 4, grid="uniform"),
     "k4v3-fast": _kv(4, 3, grid="uniform"),
+    "k4v4-tcq": _kv(4, 4, grid="trellis"),
+    "k3v3-tcq": _kv(3, 3, grid="trellis"),
+    "k2v2-tcq": _kv(2, 2, grid="trellis"),
     "hqmq-s24r3": CacheConfig(keys=CodecSpec("hqmq", hqmq="s24_r3"), values=CodecSpec("hqmq", hqmq="s24_r3")),
     "hqmq-s96r4": CacheConfig(keys=CodecSpec("hqmq", hqmq="s96_r4"), values=CodecSpec("hqmq", hqmq="s96_r4")),
     "hqmq-s192r6": CacheConfig(keys=CodecSpec("hqmq", hqmq="s192_r6"), values=CodecSpec("hqmq", hqmq="s192_r6")),
@@ -149,7 +158,8 @@ def auto_preset(head_dims=()) -> str:
     return "k4v4-fast"
 
 
-_KV_RE = re.compile(r"^k(\d(?:\.\d+)?)v(\d(?:\.\d+)?)$")
+_KV_RE = re.compile(r"^k(\d(?:\.\d+)?)v(\d(?:\.\d+)?)(-fast|-tcq)?$")
+_SUFFIX_GRID = {None: "lloyd-max", "-fast": "uniform", "-tcq": "trellis"}
 
 
 def resolve_config(config=None, *, head_dims=(), **overrides) -> CacheConfig:
@@ -170,11 +180,12 @@ def resolve_config(config=None, *, head_dims=(), **overrides) -> CacheConfig:
         if config in PRESETS:
             cfg = PRESETS[config]
         elif m := _KV_RE.match(config):
-            kb, vb = (float(g) if "." in g else int(g) for g in m.groups())
-            cfg = replace(_kv(kb, vb), name=config)
+            kb, vb = (float(g) if "." in g else int(g) for g in m.groups()[:2])
+            cfg = replace(_kv(kb, vb, grid=_SUFFIX_GRID[m.group(3)]), name=config)
         else:
             raise ValueError(
-                f"unknown KV preset {config!r}; allowed: {', '.join(PRESETS)}, or 'kXvY' with X, Y in 1..8"
+                f"unknown KV preset {config!r}; allowed: {', '.join(PRESETS)}, or 'kXvY' with X, Y in 1..8 "
+                "(-fast: the uniform grid, -tcq: trellis codes)"
             )
     else:
         raise TypeError(f"config must be a preset name or a CacheConfig, got {type(config).__name__}")

@@ -1,7 +1,9 @@
-"""What a cache list holds, layer by layer: `describe_cache(cache)` and a one-line `summary`."""
+"""What a cache list holds, layer by layer: `describe_cache(cache)`, a one-line `summary`, and `fp16_bytes`
+(what mlx-lm's fp16 cache would hold for the same tokens)."""
 
 from collections import Counter
 
+import mlx.core as mx
 from mlx_lm.models import cache as mlx_cache
 
 from .cache import TurboQuantKVCache
@@ -62,3 +64,18 @@ def summary(cache) -> str:
     kept = Counter(kind for _, kind, comp in rows if not comp)
     tail = "; kept: " + ", ".join(f"{n} x {kind}" for kind, n in kept.items()) if kept else ""
     return f"{done} of {len(rows)} layers compressed{tail}"
+
+
+def fp16_bytes(c) -> int:
+    """Bytes an fp16 K/V cache layer would hold for the tokens this layer holds now (a sliding layer holds up
+    to max_size + L - 1 right after an L-token update, in mlx-lm's RotatingKVCache as in ours)."""
+    if isinstance(c, TurboQuantKVCache):
+        if c.shape is None:
+            return 0
+        b, h, dk, dv = c.shape
+        return 2 * b * h * c.held() * (dk + dv)
+    keys, values = getattr(c, "keys", None), getattr(c, "values", None)
+    if not isinstance(keys, mx.array) or not isinstance(values, mx.array):
+        return c.nbytes
+    b, h, _, dk = keys.shape
+    return 2 * b * h * min(c.offset, keys.shape[2]) * (dk + values.shape[-1])

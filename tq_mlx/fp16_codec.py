@@ -14,6 +14,7 @@ class Float16Codec:
 
     side_nbytes = 0
     bits_per_element = 16.0
+    encode_block = 1
     mean_rot = None
 
     def encode(self, x: mx.array) -> dict:

@@ -92,6 +92,8 @@ class HQMQ:
     head_offset: the global index of head 0 (a tensor-parallel rank's heads); seeds use global indices.
     """
 
+    encode_block = 1
+
     def __init__(
         self,
         d,

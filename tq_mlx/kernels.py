@@ -12,7 +12,10 @@ Kernels:
   plus one block for the fp16 tokens (sinks, window); the query is rotated inside.
 - tq_merge: combines the partials, adds the value mean, rotates back, normalises: the output.
 - tq_dequant: codes -> n * c[idx] in the stored domain (prefill).
-A decode step is tq_encode twice (K, V) on update, then tq_decode and tq_merge.
+- tq_viterbi: raw vectors -> centred, weighted, rotated, trellis-coded (the tail-biting Viterbi search of
+  trellis.search), packed symbols + norms: tq_encode for the trellis presets.
+A decode step is tq_encode twice (K, V) on update, then tq_decode and tq_merge (trellis presets: tq_viterbi
+twice every 16th step, which encodes the 16 staged tokens).
 
 `guarded(key, run)` runs the first use of each instantiation under a check: a compile or launch
 error logs one warning naming it, and the caller falls back to the reference path for it.
@@ -49,7 +52,9 @@ _SPECS = {
     ),
     "tq_merge": (["po", "pm", "pl", "vmr", "omap", "sinks", "params"], ["out"]),
     "tq_dequant": (["codes", "norm", "cb", "params"], ["y"]),
+    "tq_viterbi": (["x", "mean", "map", "tbl", "params"], ["codes", "norm"]),
 }
+VITERBI_D = 256  # tq_viterbi's largest vector: D * 64 back-pointer bytes of threadgroup memory (16 KiB)
 
 
 def mode() -> str:
@@ -133,6 +138,11 @@ def bits_of(table: mx.array) -> int:
     return int(table.shape[0]).bit_length() - 1
 
 
+def _format(table: mx.array, fmt):
+    """(code bits, trellis window bits or 0): `fmt`, or a Lloyd-Max codebook's (bits_of(table), 0)."""
+    return (bits_of(table), 0) if fmt is None else tuple(fmt)
+
+
 def heads_per_group(G: int) -> int:
     """Query heads per tq_decode threadgroup: 1, 2 or 4 (registers hold 8 dims x this many heads)."""
     return 1 if G == 1 else 2 if G == 2 else 4
@@ -150,17 +160,13 @@ def num_blocks(T: int, n_groups: int, block=None):
     return block, -(-T // block)
 
 
-def encode(x, mean, tmap, levels, edges, norm_dtype=mx.float16, norm_correction=True, rows_per_tg=4):
-    """tq_encode: x (B, H, L, D) raw -> (codes (B, H, L, W) uint32, norm (B, H, L) norm_dtype).
-
-    mean (H, D) f32; tmap (H, D) vector (Hadamard D) or (H, D, D) matrix: y = T(x - mean)."""
+def _encode_rows(name, x, consts, bits, rot, norm_dtype, norm_correction, threadgroup, template=()):
+    """A tq_encode-like launch: inputs [x rows, *consts, params [L, H]], one row per threadgroup row ->
+    (codes (B, H, L, W) uint32, norm (B, H, L) norm_dtype)."""
     B, H, L, D = x.shape
-    bits = bits_of(levels)
-    words = -(-D * bits // 32)
-    rot = int(tmap.ndim == 3)
-    rows = B * H * L
-    codes, norm = kernel("tq_encode")(
-        inputs=[x.reshape(rows, D), mean, tmap, levels, edges, _params(L, H)],
+    rows, words = B * H * L, -(-D * bits // 32)
+    codes, norm = kernel(name)(
+        inputs=[x.reshape(rows, D), *consts, _params(L, H)],
         template=[
             ("XT", x.dtype),
             ("NT", norm_dtype),
@@ -168,20 +174,59 @@ def encode(x, mean, tmap, levels, edges, norm_dtype=mx.float16, norm_correction=
             ("BITS", bits),
             ("ROT", rot),
             ("NC", int(bool(norm_correction))),
-            ("RPT", rows_per_tg),
+            *template,
         ],
-        grid=(32, rows, 1),
-        threadgroup=(32, rows_per_tg, 1),
+        grid=(threadgroup[0], rows, 1),
+        threadgroup=threadgroup,
         output_shapes=[(rows, words), (rows,)],
         output_dtypes=[mx.uint32, norm_dtype],
     )
     return codes.reshape(B, H, L, words), norm.reshape(B, H, L)
 
 
-def decode_partials(q, scale, qmap, kmr, kc, kn, vc, vn, kcb, vcb, sk, sv, wk, wv, T, S, R, G, block=None):
+def encode(x, mean, tmap, levels, edges, norm_dtype=mx.float16, norm_correction=True, rows_per_tg=4):
+    """tq_encode: x (B, H, L, D) raw -> (codes (B, H, L, W) uint32, norm (B, H, L) norm_dtype).
+
+    mean (H, D) f32; tmap (H, D) vector (Hadamard D) or (H, D, D) matrix: y = T(x - mean)."""
+    consts = [mean, tmap, levels, edges]
+    rot, tg = int(tmap.ndim == 3), (32, rows_per_tg, 1)
+    return _encode_rows(
+        "tq_encode", x, consts, bits_of(levels), rot, norm_dtype, norm_correction, tg, [("RPT", rows_per_tg)]
+    )
+
+
+def viterbi_supports(D: int) -> str | None:
+    """None when tq_viterbi codes vectors of D coordinates, else why not."""
+    if not 2 <= D <= VITERBI_D or D % 2:
+        return f"tq_viterbi codes even D from 2 to {VITERBI_D} (its back pointers fill threadgroup memory), got {D}"
+    return None
+
+
+def viterbi_encode(x, mean, tmap, table, bits: int, norm_dtype=mx.float16, norm_correction=True):
+    """tq_viterbi: x (B, H, L, D) raw -> (codes (B, H, L, W) uint32, norm (B, H, L) norm_dtype), the trellis
+    codes of TrellisSegment.encode.  mean (H, D) f32; tmap (H, D) vector (Hadamard D) or (H, D, D) matrix, as
+    for `encode`; tmap None: x holds the coordinates z themselves (trellis.search's input: no centring,
+    rotation or scaling; for tests).  table: trellis.table(bits).  Raises ValueError for an unsupported D or table."""
+    D = x.shape[-1]
+    why = viterbi_supports(D)
+    if why:
+        raise ValueError(why)
+    if table.shape != (1 << (bits + 6),):
+        raise ValueError(f"a trellis table of 2**(bits + 6) = {1 << (bits + 6)} entries expected, got {table.shape}")
+    rot = 2 if tmap is None else int(tmap.ndim == 3)
+    if tmap is None:
+        mean, tmap = mx.zeros((1, D)), mx.ones((1, D))
+    return _encode_rows("tq_viterbi", x, [mean, tmap, table], bits, rot, norm_dtype, norm_correction, (64, 1, 1))
+
+
+def decode_partials(
+    q, scale, qmap, kmr, kc, kn, vc, vn, kcb, vcb, sk, sv, wk, wv, T, S, R, G, block=None, kfmt=None, vfmt=None
+):
     """tq_decode.  q (B, H*G, 1, D) raw; the code buffers hold T tokens (full capacity, (B, H, cap, ...));
-    sk/sv (B, H, S, D) and wk/wv (B, H, RC, D) fp16 hold S sink and R window tokens.
+    sk/sv (B, H, S, D) and wk/wv (B, H, RC, D) fp16 hold S sink and R window tokens; kfmt / vfmt: (code bits,
+    trellis window bits) when kcb / vcb are trellis tables.
     Returns po (B*H*G, NB+1, D), pm, pl (B*H*G, NB+1) float32."""
+    (kb, kl), (vb, vl) = _format(kcb, kfmt), _format(vcb, vfmt)
     B, H = kn.shape[:2]
     D = q.shape[-1]
     GH = heads_per_group(G)
@@ -194,8 +239,10 @@ def decode_partials(q, scale, qmap, kmr, kc, kn, vc, vn, kcb, vcb, sk, sv, wk, w
             ("QT", q.dtype),
             ("NT", kn.dtype),
             ("D", D),
-            ("KB", bits_of(kcb)),
-            ("VB", bits_of(vcb)),
+            ("KB", kb),
+            ("VB", vb),
+            ("KL", kl),
+            ("VL", vl),
             ("G", G),
             ("GH", GH),
             ("ROT", int(qmap.ndim == 3)),
@@ -226,13 +273,15 @@ def merge(po, pm, pl, vmr, omap, sinks, G, out_dtype):
     )[0]
 
 
-def dequantize(codes, norm, cb, T: int, D: int, out_dtype=mx.float16, rows_per_tg: int = 8):
-    """tq_dequant: codes (B, H, cap, W) + norms (B, H, cap) -> n * c[idx] (B, H, T, D) in out_dtype."""
+def dequantize(codes, norm, cb, T: int, D: int, out_dtype=mx.float16, rows_per_tg: int = 8, fmt=None):
+    """tq_dequant: codes (B, H, cap, W) + norms (B, H, cap) -> n * c[idx] (B, H, T, D) in out_dtype;
+    fmt: (code bits, trellis window bits) when cb is a trellis table."""
     B, H = norm.shape[:2]
+    bits, window = _format(cb, fmt)
     nc = D // 8
     (y,) = kernel("tq_dequant")(
         inputs=[codes, norm, cb, _params(T)],
-        template=[("NT", norm.dtype), ("OT", out_dtype), ("D", D), ("BITS", bits_of(cb))],
+        template=[("NT", norm.dtype), ("OT", out_dtype), ("D", D), ("BITS", bits), ("TL", window)],
         grid=(nc, B * H * T, 1),
         threadgroup=(nc, rows_per_tg, 1),
         output_shapes=[(B, H, T, D)],

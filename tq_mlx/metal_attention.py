@@ -69,6 +69,8 @@ def kernel_decode(cache, queries, scale, sinks=None):
             S,
             R,
             G,
+            kfmt=ck.kernel_format,
+            vfmt=cv.kernel_format,
         )
         return K.merge(po, pm, pl, cv.kernel_mean_rot, omap, sinks, G, queries.dtype)
 
@@ -77,8 +79,8 @@ def kernel_decode(cache, queries, scale, sinks=None):
         queries.dtype,
         buf.k["norm0"].dtype,
         D,
-        K.bits_of(ck.levels),
-        K.bits_of(cv.levels),
+        ck.kernel_format,
+        cv.kernel_format,
         G,
         qmap.ndim,
         sinks is not None,
@@ -97,10 +99,12 @@ def kernel_prefill(cache, queries, scale, mask=None, sinks=None):
     def dequant():
         out = []
         for codec, enc in ((ck, buf.k), (cv, buf.v)):
-            y = K.dequantize(enc["codes0"], enc["norm0"], codec.levels, buf.length, codec.d, dtype)
+            y = K.dequantize(
+                enc["codes0"], enc["norm0"], codec.levels, buf.length, codec.d, dtype, fmt=codec.kernel_format
+            )
             out.append(y if codec.mean_rot is None else (y.astype(mx.float32) + codec.mean_rot).astype(dtype))
         return out
 
-    key = ("dequant", dtype, buf.k["norm0"].dtype, dk, K.bits_of(ck.levels), K.bits_of(cv.levels))
+    key = ("dequant", dtype, buf.k["norm0"].dtype, dk, ck.kernel_format, cv.kernel_format)
     coded = K.guarded(key, dequant)
     return None if coded is None else stored_domain_attention(cache, queries, scale, mask, sinks, coded)

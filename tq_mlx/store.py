@@ -100,10 +100,14 @@ class TokenStore:
             self.buffers, self.start = self.ordered(), 0
 
     def take_front(self, n: int) -> dict:
-        """Remove and return the oldest n tokens (temporal order)."""
+        """Remove and return the oldest n tokens (temporal order).  Taking them all from buffers of at most one
+        step keeps them (no copy: the next appends write in place, as after trim_back)."""
         self.linearize()
         front = {k: b[:, :, :n] for k, b in self.buffers.items()}
-        self.remove(0, n)
+        if n >= self.length and self.capacity <= self.step:
+            self.length = 0
+        else:
+            self.remove(0, n)
         return front
 
     def remove(self, start: int, n: int):

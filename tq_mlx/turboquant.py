@@ -25,8 +25,9 @@ from .affine_segment import AffineSegment
 from .codec import NORM_DTYPES
 from .packing import pack, packed_words, unpack
 from .rotation import HeadRotation, derive_seed, rotation_matrix
+from .trellis import ENCODE_BLOCK, TrellisSegment
 
-GRIDS = ("lloyd-max", "uniform")
+GRIDS = ("lloyd-max", "uniform", "trellis")
 QJL_KINDS = ("gaussian", "orthogonal")
 
 
@@ -48,6 +49,8 @@ def _sign_pm(words: mx.array, n: int) -> mx.array:
 
 class Segment:
     """One TurboQuant instance over `n` rotated coordinates: mse at `mse_bits` (0 = none) plus optional QJL."""
+
+    window = 0  # codes index the codebook directly (trellis codes: their window bits)
 
     def __init__(self, n, bits, qjl, qjl_kind, qjl_seeds, norm_correction):
         self.n, self.bits, self.qjl = n, bits, qjl
@@ -147,11 +150,12 @@ class TurboQuant:
     A: w * (x - mean) (or A (x - mean)) is encoded and queries are divided by
     w (or mapped by A^-T), so <q, x> is unchanged while the quantization noise
     is shaped away from the directions queries use most.
-    grid: "lloyd-max" (the TurboQuant codebooks) or "uniform" (MLX's affine
-    format on the rotated vectors, so attention uses MLX's quantized kernels).
+    grid: "lloyd-max" (the TurboQuant codebooks), "uniform" (MLX's affine
+    format on the rotated vectors, so attention uses MLX's quantized kernels)
+    or "trellis" (trellis-coded: the same bits, lower error; trellis.py).
     head_offset: the global index of head 0 (a tensor-parallel rank holds heads
     head_offset .. head_offset + n_heads - 1): every per-head seed derives from the global index.
-    use_kernels: encode through the tq_encode Metal kernel where it applies.
+    use_kernels: encode through the tq_encode (tq_viterbi for trellis codes) Metal kernel where it applies.
     Research options (not in CodecSpec): qjl_kind, norm_dtype, norm_correction.
     """
 
@@ -195,10 +199,12 @@ class TurboQuant:
         self.rotation = HeadRotation(blocks, seeds, rotation, perm)
         if grid not in GRIDS:
             raise ValueError(f"grid {grid!r} unsupported; allowed: {GRIDS}")
+        if grid != "lloyd-max" and qjl:
+            raise ValueError(f"the {grid} grid has no QJL variant")
         if grid == "uniform":
-            if qjl:
-                raise ValueError("the uniform grid has no QJL variant")
             self.segments = [AffineSegment(n, b) for n, b in zip(sizes, bits)]
+        elif grid == "trellis":
+            self.segments = [TrellisSegment(n, b, norm_correction) for n, b in zip(sizes, bits)]
         else:
             self.segments = [
                 Segment(
@@ -212,13 +218,14 @@ class TurboQuant:
                 for i, (n, b) in enumerate(zip(sizes, bits))
             ]
         self._cuts = np.cumsum(sizes)[:-1].tolist()
+        self.encode_block = ENCODE_BLOCK if grid == "trellis" else 1
         self.mean = None if mean is None else mx.array(mean).astype(mx.float32)
         self.weight = None if weight is None else mx.array(weight).astype(mx.float32)
         self._winv = None
         if self.weight is not None and self.weight.ndim == 3:
             self._winv = mx.array(np.linalg.inv(np.array(self.weight, dtype=np.float64)).astype(np.float32))
         self.mean_rot = None if mean is None else self.to_stored(self.mean[None, :, None, :])
-        self.kernel_encode = use_kernels and self.kernel_reason() is None  # tq_encode, the caller decides
+        self.kernel_encode = use_kernels and self.kernel_encodes()  # the caller decides
         self._maps = {}
         zeros = mx.zeros((n_heads, d))
         self.kernel_mean = self.mean if mean is not None else zeros  # what tq_encode subtracts
@@ -253,7 +260,7 @@ class TurboQuant:
 
     # ---- what the Metal kernels read ---------------------------------------
     def kernel_reason(self):
-        """None when the kernels read these codes (one Lloyd-Max segment, no QJL, 1..8 bits,
+        """None when the kernels read these codes (one Lloyd-Max or trellis segment, no QJL, 1..8 bits,
         d in kernels.SUPPORTED_D), else a short reason."""
         if len(self.segments) != 1:
             return f"{len(self.segments)} segments (outlier split)"
@@ -266,10 +273,23 @@ class TurboQuant:
             return f"head_dim {self.d} not in {kernels.SUPPORTED_D}"
         return None
 
+    def kernel_encodes(self) -> bool:
+        """Whether a kernel writes these codes: tq_encode (Lloyd-Max) or tq_viterbi (trellis codes)."""
+        if self.kernel_reason() is not None:
+            return False
+        seg = self.segments[0]
+        return not seg.window or kernels.viterbi_supports(seg.n) is None
+
     @property
     def levels(self) -> mx.array:
-        """The Lloyd-Max codebook of the single segment, float32 (2**bits,) (see kernel_reason)."""
+        """The Lloyd-Max codebook (or trellis table) of the single segment, float32 (see kernel_reason)."""
         return self.segments[0].levels
+
+    @property
+    def kernel_format(self) -> tuple:
+        """(code bits, trellis window bits or 0) of the single segment, as the kernels take them."""
+        seg = self.segments[0]
+        return seg.mse_bits, seg.window
 
     def kernel_map(self, which: str) -> mx.array:
         """The transform a kernel applies, float32: "encode" y = T(x - mean), "query" q' = T q (the stored
@@ -305,11 +325,16 @@ class TurboQuant:
             seg, tmap = self.segments[0], self.kernel_map("encode")
 
             def run():
+                if seg.window:  # trellis codes: the Viterbi search
+                    return kernels.viterbi_encode(
+                        x, self.kernel_mean, tmap, seg.table, seg.bits, self.norm_dtype, seg.norm_correction
+                    )
                 return kernels.encode(
                     x, self.kernel_mean, tmap, seg.levels, seg.edges, self.norm_dtype, seg.norm_correction
                 )
 
-            key = ("encode", x.dtype, self.norm_dtype, self.d, seg.mse_bits, tmap.ndim, seg.norm_correction)
+            kind = "viterbi" if seg.window else "encode"
+            key = (kind, x.dtype, self.norm_dtype, self.d, seg.mse_bits, tmap.ndim, seg.norm_correction)
             out = kernels.guarded(key, run)
             if out is not None:
                 return {"codes0": out[0], "norm0": out[1]}
