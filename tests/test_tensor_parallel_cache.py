@@ -57,7 +57,7 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(mx.array_equal(a[n], b[n]).item() for n in a)
 
 
-@pytest.mark.parametrize("preset", ["k4v4", "k4v4-fast", "k4v4-qjl", "3.5-split", "hqmq-s24r3"])
+@pytest.mark.parametrize("preset", ["k4v4", "k4v4-fast", "k4v4-qjl", "3.5-split", "hqmq-s24r3", "k3v3-tcq"])
 def test_each_ranks_cache_codes_its_heads_as_the_single_process_cache(preset):
     whole = _filled(preset, Shard(), slice(0, H))
     for r in range(H):
