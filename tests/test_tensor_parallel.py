@@ -6,6 +6,7 @@ prompt and a few tokens.  Greedy k4v4 text is compared exactly: at these tokens 
 next by far more than the float noise of a sharded matmul's other summation order (a near-tie would
 show as a differing token, not as a silently passing test)."""
 
+import contextlib
 import json
 import os
 import re
@@ -13,7 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import mlx.core as mx
@@ -131,38 +132,44 @@ def test_three_rank_cache_files_hold_the_single_process_codes_head_by_head(tmp_p
         assert max(_agree(c.codes.view(), o) for c, o in zip(cache, other)) < 0.25
 
 
-def _spawn(n, command, *args):
-    """n ranks of a console script started as mlx.launch starts them (MLX_RANK, MLX_HOSTFILE), but by the
-    test, so that it can kill or stop one; the Popen objects."""
+@contextlib.contextmanager
+def generating(*args, n=3):
+    """n ranks of tq-generate started as mlx.launch starts them (MLX_RANK, MLX_HOSTFILE), but by the test,
+    so that it can kill or stop one; inside, the Popen objects once rank 0 has begun its answer (its first
+    ========== line).  Every rank is killed on the way out."""
     hosts = Path(os.environ.get("TMPDIR", "/tmp")) / f"tq-ring-{os.getpid()}.json"
     hosts.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(n)]))
-    return [
+    env = _env()
+    ranks = [
         subprocess.Popen(
-            [str(BIN / command), *args],
+            [str(BIN / "tq-generate"), *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=dict(_env(), MLX_RANK=str(r), MLX_HOSTFILE=str(hosts)),
+            env=dict(env, MLX_RANK=str(r), MLX_HOSTFILE=str(hosts)),
         )
         for r in range(n)
     ]
-
-
-def _when_generating(ranks):
-    """Wait until rank 0 has begun the answer (its first ========== line)."""
-    deadline = time.monotonic() + TIMEOUT
-    for line in ranks[0].stdout:
-        if line.startswith("==========") or time.monotonic() > deadline:
-            return
-    pytest.fail(f"rank 0 ended before generating: {ranks[0].stderr.read()}")
+    stuck = threading.Timer(TIMEOUT, lambda: [p.kill() for p in ranks])  # no answer begun: ends the wait below
+    stuck.start()
+    try:
+        if not any(line.startswith("==========") for line in ranks[0].stdout):
+            pytest.fail(f"rank 0 ended before generating: {ranks[0].stderr.read()}")
+        stuck.cancel()
+        yield ranks
+    finally:
+        stuck.cancel()
+        for p in ranks:
+            p.kill()
+            p.wait()
 
 
 def _ends(p, within):
+    """(exit status, stderr) of a rank that must end within `within` seconds."""
     try:
-        out, err = p.communicate(timeout=within)
+        _, err = p.communicate(timeout=within)
     except subprocess.TimeoutExpired:
-        p.kill()
         pytest.fail(f"a rank still ran {within} s after its peer went away: a hang")
     return p.returncode, err
 
@@ -171,35 +178,23 @@ LONG = ["--prompt", "Write a long story about a dragon.", "--kv", "k4v4", "--max
 
 
 def test_a_killed_rank_ends_the_others_with_an_error_naming_it():
-    ranks = _spawn(3, "tq-generate", *LONG)
-    try:
-        _when_generating(ranks)
+    with generating(*LONG) as ranks:
         ranks[2].send_signal(signal.SIGKILL)
         for r in (0, 1):
             code, err = _ends(ranks[r], within=30)
             assert code == 1 and f"tq-generate (rank {r} of 3): the process of rank 2 ended" in err
-    finally:
-        for p in ranks:
-            p.kill()
-            p.wait()
 
 
 @pytest.mark.slow
 @more
 def test_a_stalled_rank_ends_the_others_after_the_dist_timeout():
-    ranks = _spawn(3, "tq-generate", *LONG, "--dist-timeout", "5")
-    try:
-        _when_generating(ranks)
+    with generating(*LONG, "--dist-timeout", "5") as ranks:
         ranks[1].send_signal(signal.SIGSTOP)  # alive, sockets open, no progress
         ends = [_ends(ranks[r], within=60) for r in (0, 2)]
         assert [code for code, _ in ends] == [1, 1]
         # the first rank whose watchdog fires ends; the other may hear of that first (liveness.py)
         said = [err for _, err in ends if "no progress for 5 s in a step shared with the other processes" in err]
         assert said and all(("no progress" in err or "the process of rank" in err) for _, err in ends)
-    finally:
-        for p in ranks:
-            p.kill()
-            p.wait()
 
 
 @pytest.mark.slow
