@@ -12,11 +12,16 @@ import sys
 import time
 
 import tq_mlx
+from tq_mlx.models import distributed
+from tq_mlx.models.watchdog import DEFAULT_TIMEOUT, Watchdog
+from tq_mlx.models.watchdog import run_command as run_main
 
+from . import tensor_parallel
 from .commands import HELP, parse, read_message
 from .sampling import Sampling
 from .session import POLICIES, ContextFull, Session, SessionFileError
 
+ERRORS = (OSError, ValueError, NotImplementedError)  # end tq-chat with one line on stderr
 HISTORY_FILE = "chat_history"
 HISTORY_NOTE = (
     "the lines you type are kept in $TQ_MLX_CACHE/chat_history (~/.cache/tq_mlx/chat_history by "
@@ -120,6 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--system-prompt", default=None, metavar="TEXT", help="system prompt (default: the chat template's)")
     p.add_argument("--no-history", action="store_true", help="do not read or write the input history file")
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help="under mlx.launch: end every process with an error when a command shared with the other processes "
+        f"makes no progress for this long (a stalled rank; default: {DEFAULT_TIMEOUT:g}; 0: never)",
+    )
     return p
 
 
@@ -158,9 +171,12 @@ def kv_summary(session: Session) -> str:
     s = session.stats()
     if not s["tokens"]:
         return "KV cache empty"
+    ranks = "" if s["kv_bytes_per_rank"] is None else f" ({', '.join(map(_mib, s['kv_bytes_per_rank']))} per rank)"
     if s["ratio"] is None:
-        return f"KV {_mib(s['kv_bytes'])}, uncompressed: tokens stay exact until the cache holds {s['quant_start']}"
-    return f"KV {_mib(s['kv_bytes'])}, {s['ratio']:.2f}x smaller than fp16 ({_mib(s['fp16_bytes'])})"
+        return (
+            f"KV {_mib(s['kv_bytes'])}{ranks}, uncompressed: tokens stay exact until the cache holds {s['quant_start']}"
+        )
+    return f"KV {_mib(s['kv_bytes'])}{ranks}, {s['ratio']:.2f}x smaller than fp16 ({_mib(s['fp16_bytes'])})"
 
 
 def speed_line(session: Session) -> str:
@@ -184,8 +200,9 @@ def print_stats(session: Session, out=sys.stdout):
         )
 
 
-def answer(session: Session, text: str, out=sys.stdout):
-    """Stream the answer to `text`; Ctrl-C stops it after the current token."""
+def answer(session: Session, text: str, out=sys.stdout, beat=None):
+    """Stream the answer to `text`; Ctrl-C stops it after the current token (in a group it ends the run:
+    see tensor_parallel.py).  beat(): called after each chunk of text (a watchdog's)."""
     try:
         plan = session.prepare(text)
     except ContextFull as e:
@@ -199,17 +216,21 @@ def answer(session: Session, text: str, out=sys.stdout):
             raise KeyboardInterrupt
         session.stop()
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    previous = signal.signal(signal.SIGINT, on_sigint) if session.group is None else None
     chunks = session.generate(plan)
     try:
         for chunk in chunks:
             out.write(chunk)
             out.flush()
+            if beat is not None:
+                beat()
     except KeyboardInterrupt:
-        pass
+        if session.group is not None:  # the other ranks are mid-answer: the run ends (tensor_parallel.py)
+            raise
     finally:
         chunks.close()
-        signal.signal(signal.SIGINT, previous)
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     print(file=out)
     if session.last.finish == "interrupted" and not session.last.decode_tokens:
         print("[interrupted before the answer began: the message was dropped]", file=out)
@@ -221,10 +242,12 @@ def answer(session: Session, text: str, out=sys.stdout):
         print(speed_line(session), file=out)
 
 
-def run_command(session: Session, cmd, out=sys.stdout) -> bool:
-    """Carry out one parsed command; False means quit."""
+def run_command(session: Session, cmd, out=sys.stdout, beat=None) -> bool:
+    """Carry out one parsed command; False means quit.  beat: see `answer`."""
     name, arg = cmd
-    if name == "quit":
+    if name in ("save", "load") and session.group is not None:
+        tensor_parallel.file_command(session, name, arg, out, session.group)
+    elif name == "quit":
         return False
     if name in ("help", "unknown"):
         if name == "unknown":
@@ -268,7 +291,7 @@ def run_command(session: Session, cmd, out=sys.stdout) -> bool:
         else:
             print(f"[loaded {len(session.messages)} messages, {session.n_tokens} tokens from {path}]", file=out)
     elif name == "say":
-        answer(session, arg, out)
+        answer(session, arg, out, beat)
     return True
 
 
@@ -284,37 +307,51 @@ def main(argv=None) -> int:
         parser.error(str(e))
     if args.max_tokens < 1:
         parser.error("--max-tokens must be at least 1")
+    group = distributed.world()
+    where = distributed.label(group)
+    dog = Watchdog(args.dist_timeout, "tq-chat", where)
+    try:
+        with distributed.rank0_output(group):
+            return run_main("tq-chat", where, lambda: chat(args, group, dog, sampling), ERRORS)
+    finally:
+        dog.close()
+
+
+def load_session(args, group, sampling) -> Session:
+    """The model (sharded over `group` when it has several processes) and a Session on it."""
     from tq_mlx.models import DEFAULT_MODEL, bundled, load
 
     name = args.model or DEFAULT_MODEL
     print(f"Loading {name} ...", flush=True)
     tic = time.perf_counter()
-    try:
-        model, tokenizer = load(args.model)
-        completion = None if name not in bundled.INSTRUCTION_TUNED else not bundled.INSTRUCTION_TUNED[name]
-        session = Session(
-            model,
-            tokenizer,
-            args.kv,
-            system_prompt=args.system_prompt,
-            max_tokens=args.max_tokens,
-            sampling=sampling,
-            completion=completion,
-            seed=args.seed,
-            max_context=args.max_context,
-            max_kv_size=args.max_kv_size,
-            kv_window=args.kv_window,
-            kv_boundary_layers=args.kv_boundary_layers,
-            on_context_full=args.on_context_full,
-            model_name=name,
-        )
-    except (OSError, ValueError, NotImplementedError) as e:
-        print(f"tq-chat: {e}", file=sys.stderr)
-        return 1
+    model, tokenizer = load(args.model)
+    if group.size() > 1:
+        distributed.shard_model(model, group)
+        tensor_parallel.setup(group)
+    completion = None if name not in bundled.INSTRUCTION_TUNED else not bundled.INSTRUCTION_TUNED[name]
+    session = Session(
+        model,
+        tokenizer,
+        args.kv,
+        system_prompt=args.system_prompt,
+        max_tokens=args.max_tokens,
+        sampling=sampling,
+        completion=completion,
+        seed=args.seed,
+        max_context=args.max_context,
+        max_kv_size=args.max_kv_size,
+        kv_window=args.kv_window,
+        kv_boundary_layers=args.kv_boundary_layers,
+        on_context_full=args.on_context_full,
+        model_name=name,
+        group=group,
+    )
     where = f" from {bundled.describe(name)}" if name in bundled.BUNDLED else ""
+    split = f", sharded over {group.size()} processes" if group.size() > 1 else ""
+    quit_with = "Ctrl-D" if group.size() == 1 else "/quit"
     print(
-        f"Loaded {name}{where} in {time.perf_counter() - tic:.1f}s; KV cache {session.config.name}, "
-        f"context {session.max_context} tokens. /help for commands, Ctrl-D to quit.",
+        f"Loaded {name}{where} in {time.perf_counter() - tic:.1f}s{split}; KV cache {session.config.name}, "
+        f"context {session.max_context} tokens. /help for commands, {quit_with} to quit.",
         flush=True,
     )
     if session.completion:
@@ -323,19 +360,28 @@ def main(argv=None) -> int:
             "your text is continued, not answered.",
             flush=True,
         )
-    if not args.no_history:
+    return session
+
+
+def chat(args, group, dog, sampling):
+    """The conversation loop (see tensor_parallel.py for a group of several processes)."""
+    session = load_session(args, group, sampling)
+    if not args.no_history and group.size() == 1:
         setup_history()
     while True:
         try:
-            cmd = parse(read_message(input))
+            cmd = parse(read_message(input)) if group.size() == 1 else tensor_parallel.read_command(group)
         except EOFError:
             print()
-            return 0
+            return
         except KeyboardInterrupt:  # at the prompt: drop the line, like a shell
             print()
             continue
-        if cmd is not None and not run_command(session, cmd):
-            return 0
+        if cmd is None:
+            continue
+        with dog.armed():
+            if not run_command(session, cmd, beat=dog.beat):
+                return
 
 
 if __name__ == "__main__":

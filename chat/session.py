@@ -25,6 +25,7 @@ from mlx_lm.models.cache import can_trim_prompt_cache, save_prompt_cache, trim_p
 
 import tq_mlx
 from tq_mlx import describe
+from tq_mlx.models import distributed
 
 from .sampling import Sampling
 
@@ -120,12 +121,15 @@ class Session:
         kv_boundary_layers=None,
         on_context_full="stop",
         model_name=None,
+        group=None,
     ):
         if on_context_full not in POLICIES:
             raise ValueError(f"on_context_full must be one of {POLICIES}, got {on_context_full!r}")
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
+        # a tensor-parallel group (the model sharded over it): stats sum the ranks, files are per rank
+        self.group = group if group is not None and group.size() > 1 else None
         self.overrides = {
             k: v for k, v in (("fp_window", kv_window), ("boundary_layers", kv_boundary_layers)) if v is not None
         }
@@ -325,6 +329,10 @@ class Session:
         None while nothing is compressed yet (every layer still in its exact phase, or empty)."""
         kv = sum(c.nbytes for c in self.cache)
         fp16 = sum(describe.fp16_bytes(c) for c in self.cache)
+        per_rank = None
+        if self.group is not None:  # every rank calls this: the figures are gathered
+            per_rank = distributed.gather_ints([kv, fp16], self.group)
+            kv, fp16 = sum(r[0] for r in per_rank), sum(r[1] for r in per_rank)
         compressed = any(getattr(c, "calibrated", False) for c in self.cache)
         starts = [c.config.quant_start for c in self.cache if isinstance(c, tq_mlx.TurboQuantKVCache)]
         return {
@@ -332,6 +340,7 @@ class Session:
             "max_context": self.max_context,
             "kv": self.config.name,
             "kv_bytes": kv,
+            "kv_bytes_per_rank": None if per_rank is None else [r[0] for r in per_rank],
             "fp16_bytes": fp16,
             "ratio": fp16 / kv if compressed and kv else None,
             "quant_start": max(starts, default=0),
@@ -354,9 +363,18 @@ class Session:
             "turns": self.turns,
         }
 
+    def _rank_file(self, path: Path) -> Path:
+        """In a group, this rank's file of session file `path` (each rank saves its own KV heads)."""
+        if self.group is None:
+            return path
+        if path.suffix != ".safetensors":
+            path = path.with_name(path.name + ".safetensors")
+        return Path(distributed.rank_path(path, self.group))
+
     def save(self, path) -> Path:
-        """Write messages, settings and the prompt cache to a .safetensors file; returns its path."""
-        path = Path(path).expanduser()
+        """Write messages, settings and the prompt cache to a .safetensors file; returns its path
+        (in a group, this rank's file: NAME.rank{r}-of-{N}.safetensors)."""
+        path = self._rank_file(Path(path).expanduser())
         if path.suffix != ".safetensors":
             path = path.with_name(path.name + ".safetensors")
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.safetensors")
@@ -370,8 +388,9 @@ class Session:
 
     def load(self, path) -> Path:
         """Replace the session with a saved one; raises SessionFileError (changing nothing) for a
-        missing or foreign file, or one saved with another model, KV preset or --max-kv-size."""
-        path = Path(path).expanduser()
+        missing or foreign file, or one saved with another model, KV preset or --max-kv-size (in a group,
+        or by another rank or group size)."""
+        path = self._rank_file(Path(path).expanduser())
         if not path.is_file() and path.with_name(path.name + ".safetensors").is_file():
             path = path.with_name(path.name + ".safetensors")
         if not path.is_file():
@@ -411,7 +430,7 @@ class Session:
                 f"{path}: saved with --max-kv-size {meta['max_kv_size']}, this session uses {self.max_kv_size}"
             )
         try:
-            cache = tq_mlx.load_prompt_cache(path, config=self.config)
+            cache = tq_mlx.load_prompt_cache(path, config=self.config, group=self.group)
         except (tq_mlx.CacheStateError, ValueError, KeyError) as e:
             raise SessionFileError(f"{path}: {e}") from None
         want = [type(c).__name__ for c in self._new_cache()]

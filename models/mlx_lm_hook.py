@@ -26,6 +26,8 @@ mlx-lm >=0.32.2,<0.33 is tested; `check_version` refuses any other version.
 import argparse
 import contextlib
 import importlib.metadata
+import io
+import sys
 import types
 
 import mlx.core as mx
@@ -35,8 +37,10 @@ from packaging.version import InvalidVersion
 
 import tq_mlx
 
+from . import distributed
 from .bundled import BUNDLED, DEFAULT_MODEL
 from .loader import load as tq_load
+from .watchdog import DEFAULT_TIMEOUT
 
 TESTED_RANGE = ">=0.32.2,<0.33"
 MODEL_HELP = (
@@ -92,30 +96,50 @@ def add_kv_arguments(parser: argparse.ArgumentParser):
         metavar="N",
         help="keep the first and last N layers in mlx-lm's fp cache (default: the preset's)",
     )
+    g.add_argument(
+        "--kv-quant-start",
+        type=int,
+        default=None,
+        metavar="N",
+        help="keep tokens exact until the cache holds N, then calibrate the codecs on them and compress "
+        "(default: the preset's, 256)",
+    )
+    d = parser.add_argument_group("tensor parallel (under mlx.launch: one model and its cache split over processes)")
+    d.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help="end every process with an error when one step (a prefill chunk, a token) shared with the other "
+        f"processes makes no progress for this long: a stalled rank (default: {DEFAULT_TIMEOUT:g}; 0: never)",
+    )
 
 
 class KVSettings:
     """The --kv flags, read when mlx-lm asks for a cache."""
 
-    def __init__(self, kv=None, kv_window=None, kv_boundary_layers=None):
-        self.explicit = any(v is not None for v in (kv, kv_window, kv_boundary_layers))
-        self.overrides = {
-            k: v for k, v in (("fp_window", kv_window), ("boundary_layers", kv_boundary_layers)) if v is not None
-        }
+    def __init__(self, kv=None, kv_window=None, kv_boundary_layers=None, group=None, kv_quant_start=None):
+        self.group = group  # an mx.distributed group of several processes: one cache file per rank
+        self.explicit = any(v is not None for v in (kv, kv_window, kv_boundary_layers, kv_quant_start))
+        given = (("fp_window", kv_window), ("boundary_layers", kv_boundary_layers), ("quant_start", kv_quant_start))
+        self.overrides = {k: v for k, v in given if v is not None}
         self.config = tq_mlx.resolve_config(kv, **self.overrides)  # ValueError names what is allowed
 
     @classmethod
     def from_args(cls, args):
-        return cls(args.kv, args.kv_window, args.kv_boundary_layers)
+        return cls(args.kv, args.kv_window, args.kv_boundary_layers, kv_quant_start=args.kv_quant_start)
 
     def make_prompt_cache(self, model, max_kv_size=None):
         """mlx-lm's make_prompt_cache(model, max_kv_size), with TurboQuant layers."""
         return tq_mlx.make_prompt_cache(model, self.config, max_kv_size=max_kv_size)
 
     def load_prompt_cache(self, file_name, return_metadata=False):
-        """mlx-lm's load_prompt_cache; a file saved with other --kv settings than given is refused."""
+        """mlx-lm's load_prompt_cache; a file saved with other --kv settings than given is refused.
+        Under a group each rank loads its own file (`distributed.rank_path`), saved by the same rank."""
+        if self.group is not None:
+            file_name = distributed.rank_path(file_name, self.group)
         return tq_mlx.load_prompt_cache(
-            file_name, config=self.config if self.explicit else None, return_metadata=return_metadata
+            file_name, config=self.config if self.explicit else None, return_metadata=return_metadata, group=self.group
         )
 
 
@@ -239,16 +263,44 @@ def _parser_class(prog, argv, defaults, on_parsed):
     return Parser
 
 
+def sharded_loader(group):
+    """`load`, then the model sharded over `group` with mlx-lm's `model.shard` (mlx-lm models load lazily,
+    so a rank reads only its share of the weights)."""
+
+    def load_sharded(path_or_hf_repo, *args, **kwargs):
+        out = load(path_or_hf_repo, *args, **{**kwargs, "lazy": True})
+        distributed.shard_model(out[0], group)
+        return out
+
+    return load_sharded
+
+
+def _share_input(args, group):
+    """On a group: rank 0's random seed for every rank, and `--prompt -` read on rank 0 only, shared."""
+    distributed.share_seed(group)
+    if getattr(args, "prompt", None) == "-":
+        text = distributed.read_stdin() if group.rank() == 0 else None
+        sys.stdin = io.StringIO(distributed.broadcast(text, group))
+
+
 @contextlib.contextmanager
-def installed(module, *, prog, argv=None, defaults=None, extra=None):
+def installed(module, *, prog, argv=None, defaults=None, extra=None, group=None, watchdog=None):
     """Run `module.main()` inside this: it parses argv (None: sys.argv[1:]) with the --kv flags
     under the name `prog`, and makes TurboQuant caches. `defaults` replace mlx-lm's argument
-    defaults; `extra` maps more names of `module` to what they become."""
+    defaults; `extra` maps more names of `module` to what they become.  `group`: an mx.distributed
+    group of several processes: the model is sharded over it, input is read on rank 0 and shared,
+    prompt-cache files are per rank; `watchdog` gets --dist-timeout."""
     check_version()
     kv_holder = {}
+    group = group if group is not None and group.size() > 1 else None
 
     def parsed(args, kv):
+        kv.group = group
         kv_holder["kv"] = kv
+        if watchdog is not None:
+            watchdog.timeout = args.dist_timeout
+        if group is not None:
+            _share_input(args, group)
 
     def make_prompt_cache(model, max_kv_size=None):
         return kv_holder["kv"].make_prompt_cache(model, max_kv_size)
@@ -264,6 +316,8 @@ def installed(module, *, prog, argv=None, defaults=None, extra=None):
         names.update(load_prompt_cache=load_prompt_cache, DEFAULT_MODEL=DEFAULT_MODEL)
     if module.__name__ == "mlx_lm.server":
         names["LRUPromptCache"] = TurboQuantPromptCache
+    if group is not None:
+        names["load"] = sharded_loader(group)
     names.update(extra or {})
     missing = [n for n in names if not hasattr(module, n)]
     if missing:
@@ -271,11 +325,13 @@ def installed(module, *, prog, argv=None, defaults=None, extra=None):
             f"{module.__name__} has no {', '.join(missing)}: this mlx-lm is not the tested {TESTED_RANGE}"
         )
     saved = {n: getattr(module, n) for n in names}
+    stdin = sys.stdin
     try:
         for n, v in names.items():
             setattr(module, n, v)
         yield
     finally:
+        sys.stdin = stdin
         for n, v in saved.items():
             setattr(module, n, v)
 
@@ -291,4 +347,5 @@ __all__ = [
     "context_length",
     "installed",
     "load",
+    "sharded_loader",
 ]

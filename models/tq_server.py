@@ -35,7 +35,7 @@ import mlx.core as mx
 from tq_mlx import TurboQuantKVCache
 from tq_mlx.batch_cache import refusal
 
-from . import mlx_lm_hook
+from . import distributed, mlx_lm_hook
 from .bundled import BUNDLED, DEFAULT_MODEL
 
 mlx_server = importlib.import_module("mlx_lm.server")
@@ -298,7 +298,16 @@ def _exit(status: int):
 def main(argv=None) -> int:
     """Run mlx_lm.server's main() with TurboQuant caches; argv defaults to sys.argv[1:].
     Once the server has run, the process ends here: 0, 130 for a Ctrl-C outside serving, 1 for an
-    error such as a port in use."""
+    error such as a port in use.  Under mlx.launch (a group of several processes) it refuses to start:
+    mlx_lm.server's own tensor parallelism shares its batches between ranks, which TurboQuant caches
+    (served one request at a time) do not take part in yet."""
+    if distributed.launched() and distributed.world().size() > 1:
+        print(
+            "tq-server: tensor parallelism (mlx.launch) is not supported by tq-server yet; run tq-generate or "
+            "tq-chat under mlx.launch, or tq-server as one process",
+            file=sys.stderr,
+        )
+        return 1
     try:
         with mlx_lm_hook.installed(
             mlx_server, prog="tq-server", argv=argv, defaults={"model": DEFAULT_MODEL}, extra={"run": run}

@@ -14,6 +14,7 @@ import tq_mlx
 from tq_mlx import BatchTurboQuantKVCache, TurboQuantKVCache
 from tq_mlx.attention import attention
 from tq_mlx.batch_attention import batch_attention
+from tq_mlx.sharding import Shard
 
 H, D = 2, 64
 
@@ -22,10 +23,10 @@ def rand(shape, seed):
     return mx.random.normal(shape, key=mx.random.key(seed))
 
 
-def single(config="k4v4", T=40, seed=0, steps=0, max_size=None, keep=0, **overrides):
+def single(config="k4v4", T=40, seed=0, steps=0, max_size=None, keep=0, shard=None, **overrides):
     """A cache after a T-token prefill (with its attention call) and `steps` decode steps."""
     cfg = tq_mlx.resolve_config(config, **overrides)
-    c = TurboQuantKVCache(cfg, max_size=max_size, keep=keep)
+    c = TurboQuantKVCache(cfg, max_size=max_size, keep=keep, shard=shard)
     if T:
         k, v = rand((1, H, T, D), seed), rand((1, H, T, D), seed + 1)
         mask = c.make_mask(T) if max_size else "causal"
@@ -188,6 +189,14 @@ def test_a_short_batch_attends_exactly_like_mlx_lms_fp_batch_cache():
     ours.update_and_fetch(step, step)
     got = batch_attention(ours, q1, 0.125, mask, None, *ours.handed)
     np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-6, atol=1e-6)
+
+
+def test_a_tensor_parallel_ranks_batch_codes_with_its_global_heads():
+    caches = [single(T=40, seed=s, quant_start=16, shard=Shard(1, 3, H)) for s in (1, 2)]
+    batch = TurboQuantKVCache.merge([copy.deepcopy(c) for c in caches])
+    step_both(batch, caches, 5)  # the rows' rotations are those of heads H.. 2H-1, not 0.. H-1
+    with pytest.raises(ValueError, match="shard"):
+        TurboQuantKVCache.merge([single(T=8), single(T=8, shard=Shard(1, 3, H))])
 
 
 def test_caches_of_other_configs_do_not_merge():

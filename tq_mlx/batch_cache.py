@@ -50,7 +50,7 @@ def refusal(cache):
 
 
 def _settings(c):
-    return (c.config, c.layer, c.max_size, c.keep, c.chunk_size, c.expect)
+    return (c.config, c.layer, c.max_size, c.keep, c.chunk_size, c.expect, c.shard)
 
 
 class BatchTurboQuantKVCache(_BaseCache):
@@ -66,7 +66,7 @@ class BatchTurboQuantKVCache(_BaseCache):
                 raise TypeError(f"only TurboQuantKVCaches merge into a batch, got {type(c).__name__}")
             if _settings(c) != _settings(first):
                 raise ValueError(
-                    "caches merged into a batch must share config, layer and window: got "
+                    "caches merged into a batch must share config, layer, window and tensor-parallel shard: got "
                     f"{first.config.name!r} layer {first.layer} window {first.max_size} and {c.config.name!r} "
                     f"layer {c.layer} window {c.max_size}"
                 )
@@ -77,7 +77,7 @@ class BatchTurboQuantKVCache(_BaseCache):
         dtypes = {c.dtype for c in caches if c.dtype is not None}
         if len(shapes) > 1 or len(dtypes) > 1:
             raise ValueError(f"caches merged into a batch hold other shapes or dtypes: {shapes}, {dtypes}")
-        self.config, self.layer, self.max_size, self.keep, self.chunk_size, self.expect = _settings(first)
+        self.config, self.layer, self.max_size, self.keep, self.chunk_size, self.expect, self.shard = _settings(first)
         self.shape = next(iter(shapes), None)  # (H, dk, dv)
         self.stores = {n: RaggedStore.from_stores([getattr(c, n) for c in caches]) for n in STORES}
         self.rows = [BatchRow.adopt(c, i, self.stores) for i, c in enumerate(caches)]
@@ -241,8 +241,9 @@ class BatchTurboQuantKVCache(_BaseCache):
             H, dk, dv = self.shape
             use = kernels.enabled()
             cfg = self.config
-            ck = stacked([r.k_codec for r in self.rows], cfg.keys, cfg, dk, H, self.layer, "k", use)
-            cv = stacked([r.v_codec for r in self.rows], cfg.values, cfg, dv, H, self.layer, "v", use)
+            off = self.shard.head_offset
+            ck = stacked([r.k_codec for r in self.rows], cfg.keys, cfg, dk, H, self.layer, "k", use, off)
+            cv = stacked([r.v_codec for r in self.rows], cfg.values, cfg, dv, H, self.layer, "v", use, off)
             self._codecs = (key, (ck, cv))
         return self._codecs[1]
 

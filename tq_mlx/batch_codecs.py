@@ -31,13 +31,18 @@ def _neutral(name: str, spec: CodecSpec, d: int, n_heads: int) -> mx.array:
     raise ValueError(f"no neutral value for calibration entry {name!r}")
 
 
-def stacked(codecs, spec: CodecSpec, cfg: CacheConfig, d: int, n_heads: int, layer: int, part: str, use_kernels):
-    """The codec coding row b of a batch with codecs[b] (None: a row not calibrated yet)."""
+def stacked(
+    codecs, spec: CodecSpec, cfg: CacheConfig, d: int, n_heads: int, layer: int, part: str, use_kernels, head_offset=0
+):
+    """The codec coding row b of a batch with codecs[b] (None: a row not calibrated yet); head_offset: the
+    global index of the first head (a tensor-parallel rank's slice, as the rows' own codecs)."""
     if d == 0 or spec.codec == "fp16":
         return FP16
     states = [{} if c is None else c.calibration_state() for c in codecs]
     names = sorted({n for st in states for n in st})
     state = {n: mx.stack([st[n] if n in st else _neutral(n, spec, d, n_heads) for st in states]) for n in names}
-    codec = build_codec(spec, cfg, d, n_heads, layer, part, Calibration(state=state), use_kernels, batch=True)
+    codec = build_codec(
+        spec, cfg, d, n_heads, layer, part, Calibration(state=state), use_kernels, batch=True, head_offset=head_offset
+    )
     mx.eval(codec.constants())  # ready, and usable from any thread (mlx-lm's server decodes in its own)
     return codec

@@ -52,6 +52,7 @@ from .codec_factory import Calibration, build_codec, check_dims, needs_queries
 from .config import CacheConfig, resolve_config
 from .fp16_codec import FP16, FP_KEY
 from .handouts import HandsOut
+from .sharding import Shard
 from .store import TokenStore
 
 
@@ -95,10 +96,19 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
 
     max_size, keep: a sliding window (mlx-lm's RotatingKVCache); chunk_size: chunked attention (ChunkedKVCache).
     kv_heads, head_dims: what the model's layer produces ((dk, dv)), when known: other shapes are refused.
+    shard: the tensor-parallel rank's Shard (sharding.py): per-head constants use global head indices.
     """
 
     def __init__(
-        self, config=None, layer: int = 0, max_size=None, keep: int = 0, kv_heads=None, head_dims=None, chunk_size=None
+        self,
+        config=None,
+        layer: int = 0,
+        max_size=None,
+        keep: int = 0,
+        kv_heads=None,
+        head_dims=None,
+        chunk_size=None,
+        shard: Shard = None,
     ):
         if max_size is not None and chunk_size is not None:
             raise ValueError("a TurboQuantKVCache is a sliding window (max_size) or chunked (chunk_size), not both")
@@ -107,6 +117,7 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
         self.max_size = max_size
         self.keep = keep
         self.chunk_size = chunk_size
+        self.shard = Shard(*(shard or ()))
         self.start_position = 0
         self.expect = (kv_heads, *(head_dims or (None, None)))
         self.offset = 0
@@ -366,8 +377,11 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
         keys = tokens["k"][:, :, :n].astype(mx.float32)
         values = tokens["v"][:, :, :n].astype(mx.float32)
         queries = self.qstats if self.qstats is not None and self.qstats.n else None  # none seen: no weights
-        self.k_codec = build_codec(cfg.keys, cfg, dk, h, self.layer, "k", Calibration(keys, queries), use)
-        self.v_codec = build_codec(cfg.values, cfg, dv, h, self.layer, "v", Calibration(values), use)
+        off = self.shard.head_offset
+        self.k_codec = build_codec(
+            cfg.keys, cfg, dk, h, self.layer, "k", Calibration(keys, queries), use, head_offset=off
+        )
+        self.v_codec = build_codec(cfg.values, cfg, dv, h, self.layer, "v", Calibration(values), use, head_offset=off)
         mx.eval([c.constants() for c in (self.k_codec, self.v_codec)])  # ready, and usable from any thread
         self.calibration_length, self.qstats = n, None
         self.exact.clear()  # in place: a batch row's store is a row of the batch's
@@ -482,6 +496,7 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
             "keep": self.keep,
             "chunk_size": self.chunk_size,
             "start_position": self.start_position,
+            "shard": list(self.shard),
             "shape": self.shape,
             "expect": self.expect,
             "calibration_length": self.calibration_length,
@@ -507,11 +522,10 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
     def _rebuild_codecs(self, calib: dict):
         """Codecs from a saved calibration state (a reloaded cache)."""
         cfg, (_, h, dk, dv) = self.config, self.shape
-        use = kernels.enabled()
-        self.k_codec = build_codec(cfg.keys, cfg, dk, h, self.layer, "k", Calibration(state=prefixed(calib, "k_")), use)
-        self.v_codec = build_codec(
-            cfg.values, cfg, dv, h, self.layer, "v", Calibration(state=prefixed(calib, "v_")), use
-        )
+        use, off = kernels.enabled(), self.shard.head_offset
+        k, v = Calibration(state=prefixed(calib, "k_")), Calibration(state=prefixed(calib, "v_"))
+        self.k_codec = build_codec(cfg.keys, cfg, dk, h, self.layer, "k", k, use, head_offset=off)
+        self.v_codec = build_codec(cfg.values, cfg, dv, h, self.layer, "v", v, use, head_offset=off)
 
     def __deepcopy__(self, memo):
         new = TurboQuantKVCache.__new__(TurboQuantKVCache)

@@ -12,6 +12,7 @@ import mlx.core as mx
 
 from .calibration import QueryStats
 from .config import CacheConfig
+from .sharding import Shard
 
 STATE_VERSION = 3
 STORES = ("exact", "sink", "codes", "window")
@@ -55,6 +56,9 @@ def restore(cache, st):
         shape, expect, calibrated = meta["shape"], tuple(meta["expect"]), meta["calibration_length"]
         counts = {name: meta[f"n_{name}"] for name in STORES}
         chunk_size, start_position = meta.get("chunk_size"), meta.get("start_position", 0)
+        shard = Shard(*(int(x) for x in meta.get("shard", ())))  # files from before sharding: unsharded
+        if not 0 <= shard.rank < shard.size or shard.head_offset < 0:
+            raise ValueError(f"shard {list(shard)} is not (rank < size, head offset >= 0)")
     except Exception as e:
         raise CacheStateError(f"corrupt cache metadata: {type(e).__name__}: {e}") from None
     stores = {name: prefixed(st, f"{name}_") for name in STORES}
@@ -73,7 +77,7 @@ def restore(cache, st):
         raise CacheStateError("corrupt cache state: exact tokens and calibration do not go together")
     cache.config, cache.layer, cache.max_size, cache.keep = config, layer, max_size, keep
     cache.expect, cache.offset = expect, offset
-    cache.chunk_size, cache.start_position = chunk_size, start_position
+    cache.chunk_size, cache.start_position, cache.shard = chunk_size, start_position, shard
     cache._clear()
     cache.shape = tuple(shape) if shape else None
     cache.calibration_length = calibrated

@@ -48,17 +48,18 @@ class Calibration:
         return self.state[name] if self.state and name in self.state else compute()
 
 
-def _fp16(spec, cfg, d, n_heads, layer, part, calib, use_kernels, batch=False):
+def _fp16(spec, cfg, d, n_heads, layer, part, calib, use_kernels, batch, head_offset):
     return FP16
 
 
-def _hqmq(spec, cfg, d, n_heads, layer, part, calib, use_kernels, batch=False):
+def _hqmq(spec, cfg, d, n_heads, layer, part, calib, use_kernels, batch, head_offset):
+    median = (calib.state or {}).get("median")
     return HQMQ(
-        d, n_heads, config=spec.hqmq, seed=cfg.seed, layer=layer, part=part, median=(calib.state or {}).get("median")
+        d, n_heads, config=spec.hqmq, seed=cfg.seed, layer=layer, part=part, median=median, head_offset=head_offset
     )
 
 
-def _turboquant(spec, cfg, d, n_heads, layer, part, calib, use_kernels, batch=False):
+def _turboquant(spec, cfg, d, n_heads, layer, part, calib, use_kernels, batch, head_offset):
     mean = calib.get("mean", lambda: channel_mean(calib.x)) if spec.center else None
     weight = None
     if part == "k" and spec.query_weighting:
@@ -73,6 +74,7 @@ def _turboquant(spec, cfg, d, n_heads, layer, part, calib, use_kernels, batch=Fa
         seed=cfg.seed,
         layer=layer,
         part=part,
+        head_offset=head_offset,
         use_kernels=use_kernels,
         batch=batch,
     )
@@ -89,7 +91,7 @@ def _never(spec, part):
 
 @dataclass(frozen=True)
 class CodecKind:
-    build: Callable  # (spec, cfg, d, n_heads, layer, part, calib, use_kernels, batch) -> Codec
+    build: Callable  # (spec, cfg, d, n_heads, layer, part, calib, use_kernels, batch, head_offset) -> Codec
     needs_queries: Callable  # (spec, part) -> bool
 
 
@@ -141,10 +143,12 @@ def build_codec(
     calib: Calibration = Calibration(),
     use_kernels: bool = False,
     batch: bool = False,
+    head_offset: int = 0,
 ):
     """The codec object for (layer, part): part "k" or "v"; use_kernels: encode through Metal kernels.
     batch: calib.state holds one calibration per batch row, stacked on a leading axis (`batch_codecs`).
+    head_offset: the global index of the first of the n_heads heads (a tensor-parallel rank's slice).
     Size-0 vectors (a keys-only cache: MiniMax-M3's indexer passes empty values) are kept as they are."""
     if d == 0:
         return FP16
-    return CODECS[spec.codec].build(spec, cfg, d, n_heads, layer, part, calib, use_kernels, batch)
+    return CODECS[spec.codec].build(spec, cfg, d, n_heads, layer, part, calib, use_kernels, batch, head_offset)

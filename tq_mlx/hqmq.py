@@ -89,6 +89,7 @@ class HQMQ:
 
     config: one of CONFIGS ("s{S}_r{b_r}").  median: float32 (H,) from a
     previous codec's `median`, or None to take it from the first encode.
+    head_offset: the global index of head 0 (a tensor-parallel rank's heads); seeds use global indices.
     """
 
     encode_block = 1
@@ -105,6 +106,7 @@ class HQMQ:
         norm_dtype="float16",
         max_outliers=2,
         median=None,
+        head_offset=0,
     ):
         _check_config(d, n_heads, config, norm_dtype, max_outliers)
         self.d, self.n_heads, self.config = int(d), int(n_heads), config
@@ -117,7 +119,7 @@ class HQMQ:
         self.max_outliers = int(max_outliers)
         self.norm_dtype = NORM_DTYPES[norm_dtype]
         q = []
-        for h in range(n_heads):  # Haar on S^3: a normalised Gaussian 4-vector
+        for h in range(head_offset, head_offset + n_heads):  # Haar on S^3: a normalised Gaussian 4-vector
             g = np.random.default_rng(derive_seed(seed, layer, h, part)).standard_normal((self.S, 4))
             q.append(g / np.linalg.norm(g, axis=-1, keepdims=True))
         q = np.stack(q)  # (H, S, 4)

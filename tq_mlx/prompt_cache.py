@@ -12,7 +12,7 @@ import logging
 
 from mlx_lm.models import cache as mlx_cache
 
-from . import describe, patch
+from . import describe, patch, sharding
 from .cache import TurboQuantKVCache
 from .cache_state import CacheStateError
 from .codec_factory import check_dims
@@ -62,6 +62,8 @@ def make_prompt_cache(model, config=None, max_kv_size=None, **overrides):
     boundary_layers, quant_start, quantize_sliding, rotation, seed).
     max_kv_size: a sliding window of that many tokens (keep=4, as mlx-lm) for every full-attention
         layer, compressed or not, also for models with their own make_cache (where mlx-lm ignores it).
+    A tensor-parallel model (`model.shard(group)`) gets each rank a cache of its own KV heads, coded with
+    the constants of their global head indices (`sharding.py`).
     """
     if max_kv_size is not None and (
         isinstance(max_kv_size, bool) or not isinstance(max_kv_size, int) or max_kv_size <= KEEP
@@ -77,24 +79,27 @@ def make_prompt_cache(model, config=None, max_kv_size=None, **overrides):
         for d in dims or ():
             check_dims(cfg, d, f"layer {i}")
         boundary = i < cfg.boundary_layers or i >= n - cfg.boundary_layers
-        out.append(_swap(c, cfg, i, max_kv_size, boundary, h, dims))
+        shard = sharding.layer_shard(model, i) if len(getattr(model, "layers", ())) == n else None
+        out.append(_swap(c, cfg, i, max_kv_size, boundary, h, dims, shard))
     _report_uncompressed(out)
     return out
 
 
-def _swap(c, cfg, layer, max_kv_size, boundary, h, dims):
+def _swap(c, cfg, layer, max_kv_size, boundary, h, dims, shard):
     """The cache that replaces mlx-lm's cache c of one layer (CacheList members one by one)."""
     if type(c) is mlx_cache.CacheList:
-        return mlx_cache.CacheList(*(_swap(m, cfg, layer, max_kv_size, boundary, None, None) for m in c.caches))
+        members = (_swap(m, cfg, layer, max_kv_size, boundary, None, None, shard) for m in c.caches)
+        return mlx_cache.CacheList(*members)
     if boundary:
         return _bounded(c, max_kv_size)
+    common = dict(kv_heads=h, head_dims=dims, shard=shard)
     if type(c) is mlx_cache.KVCache:
         keep = KEEP if max_kv_size else 0
-        return TurboQuantKVCache(cfg, layer, max_size=max_kv_size, keep=keep, kv_heads=h, head_dims=dims)
+        return TurboQuantKVCache(cfg, layer, max_size=max_kv_size, keep=keep, **common)
     if type(c) is mlx_cache.RotatingKVCache and cfg.quantize_sliding:
-        return TurboQuantKVCache(cfg, layer, max_size=c.max_size, keep=c.keep, kv_heads=h, head_dims=dims)
+        return TurboQuantKVCache(cfg, layer, max_size=c.max_size, keep=c.keep, **common)
     if type(c) is mlx_cache.ChunkedKVCache and cfg.quantize_sliding:
-        return TurboQuantKVCache(cfg, layer, chunk_size=c.chunk_size, kv_heads=h, head_dims=dims)
+        return TurboQuantKVCache(cfg, layer, chunk_size=c.chunk_size, **common)
     return c
 
 
@@ -113,15 +118,20 @@ def _report_uncompressed(cache):
         )
 
 
-def load_prompt_cache(path, model=None, config=None, return_metadata=False):
+def load_prompt_cache(path, model=None, config=None, return_metadata=False, group=None):
     """mlx-lm's load_prompt_cache, checked: with `config` or `model`, a file from another config
-    or another model raises CacheStateError instead of producing wrong text."""
+    or another model raises CacheStateError instead of producing wrong text.  A cache saved by one rank
+    of a tensor-parallel group holds only that rank's KV heads: it loads only as the same rank of a group
+    of the same size (the model's sharding when `model` is given, else `group` or mx.distributed.init())."""
     try:
         cache, meta = mlx_cache.load_prompt_cache(str(path), return_metadata=True)
     except CacheStateError as e:
         raise CacheStateError(f"{path}: {e}") from None
-    if model is not None:
+    if model is None:
+        _check_group(path, cache, sharding.current(group))
+    else:
         expect = make_prompt_cache(model, config or _first_config(cache))
+        _check_shards(path, expect, cache)
         if len(expect) != len(cache) or any(type(a) is not type(b) for a, b in zip(expect, cache)):
             raise CacheStateError(
                 f"{path}: the cache has {len(cache)} layers of types "
@@ -149,6 +159,35 @@ def load_prompt_cache(path, model=None, config=None, return_metadata=False):
                     f"(they differ in content: {c.config.to_json()} vs {want.to_json()})"
                 )
     return (cache, meta) if return_metadata else cache
+
+
+def _tq_layers(cache):
+    for c in cache:
+        for m in c.caches if type(c) is mlx_cache.CacheList else (c,):
+            if isinstance(m, TurboQuantKVCache):
+                yield m
+
+
+def _check_group(path, cache, where):
+    """Refuse a cache saved under another (rank, group size) than `where`."""
+    for c in _tq_layers(cache):
+        if (c.shard.rank, c.shard.size) != where:
+            here = f"rank {where[0]} of {where[1]}" if where[1] > 1 else "a single process"
+            raise CacheStateError(
+                f"{path}: layer {c.layer} holds the KV heads of {c.shard.describe()}, but this is {here}: "
+                "a tensor-parallel cache loads only as the rank that saved it, in a group of the same size"
+            )
+
+
+def _check_shards(path, expect, cache):
+    """Refuse a cache whose layers hold other KV heads than the (sharded) model's caches would."""
+    for a, b in zip(_tq_layers(expect), _tq_layers(cache)):
+        if a.shard != b.shard:
+            raise CacheStateError(
+                f"{path}: layer {b.layer} holds the KV heads of {b.shard.describe()}, but this model's "
+                f"layer computes those of {a.shard.describe()}: load the file this rank saved, in a group "
+                "of the same size"
+            )
 
 
 def _first_config(cache):

@@ -155,6 +155,8 @@ class TurboQuant:
     grid: "lloyd-max" (the TurboQuant codebooks), "uniform" (MLX's affine
     format on the rotated vectors, so attention uses MLX's quantized kernels)
     or "trellis" (trellis-coded: the same bits, lower error; trellis.py).
+    head_offset: the global index of head 0 (a tensor-parallel rank holds heads
+    head_offset .. head_offset + n_heads - 1): every per-head seed derives from the global index.
     use_kernels: encode through the tq_encode (tq_viterbi for trellis codes) Metal kernel where it applies.
     Research options (not in CodecSpec): qjl_kind, norm_dtype, norm_correction.
     """
@@ -178,6 +180,7 @@ class TurboQuant:
         seed=0,
         layer=0,
         part="k",
+        head_offset=0,
         use_kernels=False,
         batch=False,
     ):
@@ -193,7 +196,8 @@ class TurboQuant:
             cbk._check(n, b if not qjl or b > 1 else 1)
         self.d, self.n_heads, self.bits, self.sizes = d, n_heads, bits, sizes
         self.norm_dtype = NORM_DTYPES[norm_dtype]
-        seeds = [[derive_seed(seed, layer, h, part, s) for s in range(len(sizes))] for h in range(n_heads)]
+        heads = range(head_offset, head_offset + n_heads)  # global head indices: a tensor-parallel rank's slice
+        seeds = [[derive_seed(seed, layer, h, part, s) for s in range(len(sizes))] for h in heads]
         blocks = sizes if perm is not None else [d]
         self.rotation = HeadRotation(blocks, seeds, rotation, perm)
         if grid not in GRIDS:
@@ -211,7 +215,7 @@ class TurboQuant:
                     b,
                     qjl,
                     qjl_kind,
-                    [derive_seed(seed, layer, h, part, 100 + i) for h in range(n_heads)],
+                    [derive_seed(seed, layer, h, part, 100 + i) for h in heads],
                     norm_correction,
                 )
                 for i, (n, b) in enumerate(zip(sizes, bits))
