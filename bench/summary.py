@@ -24,9 +24,9 @@ def load(paths) -> list[dict]:
     return sorted(rows, key=lambda r: (r["model"], r["tokens"], r["text"]))
 
 
-def table(rows, caches, metric: str = "kl_mean") -> str:
-    """Markdown: one line per run, `metric` per cache, and the whole-cache bits per element of each cache
-    (the same for every run of one model and length)."""
+def table(rows, caches, metric: str = "kl_mean", bits: bool = True) -> str:
+    """Markdown: one line per run, `metric` per cache, and (`bits`) the whole-cache bits per element of each
+    cache (the same for every run of one model and length)."""
     out = []
     for r in rows:
         line = {"model": r["model"], "tokens": r["tokens"], "text": r["text"]}
@@ -38,11 +38,13 @@ def table(rows, caches, metric: str = "kl_mean") -> str:
                 line[c] = "error"
             else:
                 line[c] = report.fmt(e[metric], 4)
-        bits = [report.fmt(r[c]["bpe_model"], 4) for c in caches if c != "fp" and "bpe_model" in r.get(c, {})]
-        line["bits"] = " / ".join(bits)
+        held = [report.fmt(r[c]["bpe_model"], 4) for c in caches if c != "fp" and "bpe_model" in r.get(c, {})]
+        line["bits"] = " / ".join(held)
         out.append(line)
-    cols = ["model", "tokens", "text", *caches, "bits"]
-    return report.md_table(out, cols, [*cols[:-1], "whole-cache bits/elem (same order)"])
+    cols = ["model", "tokens", "text", *caches]
+    if not bits:
+        return report.md_table(out, cols)
+    return report.md_table(out, [*cols, "bits"], [*cols, "whole-cache bits/elem (same order)"])
 
 
 def main(argv=None):
@@ -50,6 +52,7 @@ def main(argv=None):
     p.add_argument("files", nargs="+", help="quality JSON files written by tq-bench quality")
     p.add_argument("--caches", default=None, help="comma-separated caches to show (default: all, in file order)")
     p.add_argument("--metric", default="kl_mean", choices=["kl_mean", "kl_max", "top1", "ppl"], help="what to show")
+    p.add_argument("--no-bits", action="store_true", help="leave out the whole-cache bits column")
     p.add_argument("--out", default=None, help="write the table here as well as printing it")
     args = p.parse_args(argv)
     rows = load(args.files)
@@ -57,7 +60,7 @@ def main(argv=None):
         caches = args.caches.split(",")
     else:
         caches = list(dict.fromkeys(k for r in rows for k in r if k not in ("model", "text", "tokens", "git")))
-    text = table(rows, caches, args.metric)
+    text = table(rows, caches, args.metric, bits=not args.no_bits)
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
