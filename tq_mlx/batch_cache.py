@@ -311,3 +311,6 @@ class BatchTurboQuantKVCache(_BaseCache):
             if getattr(self, name) is not None:
                 setattr(new, name, list(getattr(self, name)))
         return new
+
+
+TurboQuantKVCache.batch_class = BatchTurboQuantKVCache  # what TurboQuantKVCache.merge builds

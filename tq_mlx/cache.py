@@ -429,12 +429,12 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
         return tuple(out)
 
     # ---- mlx-lm protocol ----------------------------------------------------------
+    batch_class = None  # BatchTurboQuantKVCache, set by batch_cache.py (which builds on this module)
+
     @classmethod
     def merge(cls, caches):
         """mlx-lm's batching: these caches (one layer, one config) as one BatchTurboQuantKVCache."""
-        from .batch_cache import BatchTurboQuantKVCache
-
-        return BatchTurboQuantKVCache(caches)
+        return cls.batch_class(caches)
 
     def size(self) -> int:
         """Tokens in context, as mlx-lm counts them (a sliding window reports at most max_size)."""
