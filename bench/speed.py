@@ -31,15 +31,24 @@ def _ms(fn, reps):
     return 1000 * ts[len(ts) // 2]
 
 
+PIECE = 4096  # tokens per direct update: the settling attention call's scores stay under ~1 GB
+
+
+def fill_layer(c, kv, hq=None):
+    """Fill one layer's cache with kv (1, h, n, d) in pieces of PIECE tokens, each followed by an attention
+    call (`quality.settle`), as a chunked prefill would."""
+    for s in range(0, kv.shape[2], PIECE):
+        c.update_and_fetch(kv[:, :, s : s + PIECE], kv[:, :, s : s + PIECE])
+        quality.settle(c, hq)
+        mx.eval(_arrays(c))
+    return c
+
+
 def fill(cache, n, h, d, dtype):
     """Fill every layer directly with random K/V: n tokens (sliding layers: min(n, window))."""
     for c in cache:
         m = n if getattr(c, "max_size", None) is None else min(n, c.max_size)
-        for s in range(0, m, 4096):  # in pieces, to bound the temporaries
-            k = mx.random.normal((1, h, min(4096, m - s), d)).astype(dtype)
-            c.update_and_fetch(k, k)
-            quality.settle(c)
-            mx.eval([a for a in _arrays(c)])
+        fill_layer(c, mx.random.normal((1, h, m, d)).astype(dtype))
     return cache
 
 
@@ -101,10 +110,7 @@ def attention_ms(name, n, hq, h, d, reps=5):
                 quantized_scaled_dot_product_attention(q, qk, qk, scale=scale, mask=None, group_size=64, bits=b)
             )
     else:
-        c = tq_mlx.TurboQuantKVCache(name)
-        c.update_and_fetch(kv, kv)
-        quality.settle(c, hq)
-        mx.eval(_arrays(c))
+        c = fill_layer(tq_mlx.TurboQuantKVCache(name), kv, hq)
 
         def fn():
             return mx.eval(attention(c, q, scale, None))
