@@ -27,7 +27,7 @@ from mlx_lm.models.cache import _BaseCache
 from . import kernels
 from .batch_codecs import stacked
 from .batch_row import STORES, BatchRow, copy_rows
-from .cache import TurboQuantKVCache, check_pair
+from .cache import TurboQuantKVCache, check_model, check_pair
 from .codec import check_input, nonfinite_message
 from .codec_factory import check_dims
 from .ragged_store import RaggedStore
@@ -205,13 +205,8 @@ class BatchTurboQuantKVCache(_BaseCache):
         b, h, n, dk = keys.shape
         if b != self.batch:
             raise ValueError(f"keys for {b} sequences, but this batch cache holds {self.batch}")
+        check_model(self.layer, self.expect, keys, values)
         got = (h, dk, values.shape[-1])
-        want_h, want_dk, want_dv = self.expect
-        if (want_h is not None and h != want_h) or (want_dk is not None and got[1:] != (want_dk, want_dv)):
-            raise ValueError(
-                f"layer {self.layer} of this model has {want_h} KV heads of sizes (dk, dv) = ({want_dk}, "
-                f"{want_dv}); got keys {keys.shape}, values {values.shape}: a cache made for another model?"
-            )
         if self.shape is None:
             for d in got[1:]:
                 check_dims(self.config, d, f"layer {self.layer}")

@@ -91,6 +91,17 @@ def check_pair(keys, values):
         raise TypeError(f"keys ({keys.dtype}) and values ({values.dtype}) must share a dtype")
 
 
+def check_model(layer: int, expect: tuple, keys, values):
+    """Refuse keys/values (B, H, L, d) of another model: expect (H, dk, dv) of this layer, None where unknown."""
+    want_h, want_dk, want_dv = expect
+    h, dk, dv = keys.shape[1], keys.shape[3], values.shape[3]
+    if (want_h is not None and h != want_h) or (want_dk is not None and (dk, dv) != (want_dk, want_dv)):
+        raise ValueError(
+            f"layer {layer} of this model has {want_h} KV heads of sizes (dk, dv) = ({want_dk}, "
+            f"{want_dv}); got keys {keys.shape}, values {values.shape}: a cache made for another model?"
+        )
+
+
 class TurboQuantKVCache(HandsOut, _BaseCache):
     """KV cache for one attention layer; keys/values arrive as (B, H, L, d) arrays.
 
@@ -163,14 +174,9 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
     # ---- input checks ----------------------------------------------------
     def _check(self, keys, values):
         check_pair(keys, values)
+        check_model(self.layer, self.expect, keys, values)
         b, h, n, dk = keys.shape
         got = (b, h, dk, values.shape[-1])
-        want_h, want_dk, want_dv = self.expect
-        if (want_h is not None and h != want_h) or (want_dk is not None and (dk, got[3]) != (want_dk, want_dv)):
-            raise ValueError(
-                f"layer {self.layer} of this model has {want_h} KV heads of sizes (dk, dv) = ({want_dk}, "
-                f"{want_dv}); got keys {keys.shape}, values {values.shape}: a cache made for another model?"
-            )
         if self.shape is None:
             check_dims(self.config, dk, f"layer {self.layer}")
             check_dims(self.config, got[3], f"layer {self.layer}")

@@ -15,7 +15,7 @@ step to their first free slot, which no reader looks at.
 
 import mlx.core as mx
 
-from .store import STEP, TokenStore
+from .store import STEP, Buffers, TokenStore
 
 
 def _slots(slots, shape):
@@ -24,7 +24,7 @@ def _slots(slots, shape):
     return mx.broadcast_to(idx, (shape[0], shape[1], 1, *shape[3:]))
 
 
-class RaggedStore:
+class RaggedStore(Buffers):
     def __init__(self, batch: int, step: int = STEP, ring=None):
         self.step = step
         self.ring = ring  # (capacity, keep) or None, as TokenStore
@@ -35,14 +35,6 @@ class RaggedStore:
     @property
     def batch(self) -> int:
         return len(self.lengths)
-
-    @property
-    def capacity(self) -> int:
-        return next(iter(self.buffers.values())).shape[2] if self.buffers else 0
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.nbytes for b in self.buffers.values())
 
     @property
     def longest(self) -> int:

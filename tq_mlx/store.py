@@ -19,13 +19,10 @@ import mlx.core as mx
 STEP = 64
 
 
-class TokenStore:
-    def __init__(self, step: int = STEP, ring=None):
-        self.step = step
-        self.ring = ring  # (capacity, keep) or None
-        self.buffers = {}  # name -> (B, H, capacity, ...)
-        self.length = 0
-        self.start = 0  # ring: slot of the oldest rotating token (relative to keep)
+class Buffers:
+    """Named arrays (B, H, capacity, ...) sharing the token axis: what TokenStore and RaggedStore hold."""
+
+    buffers: dict
 
     @property
     def capacity(self) -> int:
@@ -34,6 +31,15 @@ class TokenStore:
     @property
     def nbytes(self) -> int:
         return sum(b.nbytes for b in self.buffers.values())
+
+
+class TokenStore(Buffers):
+    def __init__(self, step: int = STEP, ring=None):
+        self.step = step
+        self.ring = ring  # (capacity, keep) or None
+        self.buffers = {}  # name -> (B, H, capacity, ...)
+        self.length = 0
+        self.start = 0  # ring: slot of the oldest rotating token (relative to keep)
 
     def view(self) -> dict:
         """Arrays sliced to the stored length (slot order)."""
