@@ -52,6 +52,7 @@ from .codec_factory import Calibration, build_codec, check_dims, needs_queries
 from .config import CacheConfig, resolve_config
 from .fp16_codec import FP16, FP_KEY
 from .handouts import HandsOut
+from .rope_mean import RopeMap, at
 from .sharding import Shard
 from .store import TokenStore
 
@@ -108,6 +109,7 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
     max_size, keep: a sliding window (mlx-lm's RotatingKVCache); chunk_size: chunked attention (ChunkedKVCache).
     kv_heads, head_dims: what the model's layer produces ((dk, dv)), when known: other shapes are refused.
     shard: the tensor-parallel rank's Shard (sharding.py): per-head constants use global head indices.
+    rope: the layer's RopeMap (rope_mean.probe), for RoPE-aware key centring (a config's center="rope").
     """
 
     def __init__(
@@ -120,6 +122,7 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
         head_dims=None,
         chunk_size=None,
         shard: Shard = None,
+        rope: RopeMap = None,
     ):
         if max_size is not None and chunk_size is not None:
             raise ValueError("a TurboQuantKVCache is a sliding window (max_size) or chunked (chunk_size), not both")
@@ -131,6 +134,7 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
         self.shard = Shard(*(shard or ()))
         self.start_position = 0
         self.expect = (kv_heads, *(head_dims or (None, None)))
+        self.rope = rope
         self.offset = 0
         self._clear()
 
@@ -138,6 +142,7 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
         self.shape = None  # (B, H, dk, dv)
         self.k_codec = self.v_codec = None
         self.calibration_length = 0  # tokens the codecs were calibrated on (0: exact phase)
+        self.encoded = 0  # tokens that went into codes (a ring's included), less trimmed ones
         self.qstats = None  # QueryStats of the calibration positions, while the key codec needs them
         self.exact = TokenStore()  # "k", "v" as given, before calibration
         self.sink = TokenStore(step=1)  # "k", "v" float16 first tokens (attention sinks), exact size
@@ -266,7 +271,10 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
         )
 
     def _encode(self, tokens: dict) -> dict:
-        enc = {f"k_{n}": a for n, a in self.k_codec.encode(tokens["k"]).items()}
+        start = self.sink.length + self.encoded  # the first token's position (RoPE-centred keys)
+        self.encoded += tokens["k"].shape[2]
+        kc = at(self.k_codec, start, keep_positions=not self._keeps_front)
+        enc = {f"k_{n}": a for n, a in kc.encode(tokens["k"]).items()}
         enc.update({f"v_{n}": a for n, a in self.v_codec.encode(tokens["v"]).items()})
         return enc
 
@@ -384,8 +392,9 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
         values = tokens["v"][:, :, :n].astype(mx.float32)
         queries = self.qstats if self.qstats is not None and self.qstats.n else None  # none seen: no weights
         off = self.shard.head_offset
+        rope = self.rope if self.chunk_size is None else None  # chunked layers: static centring
         self.k_codec = build_codec(
-            cfg.keys, cfg, dk, h, self.layer, "k", Calibration(keys, queries), use, head_offset=off
+            cfg.keys, cfg, dk, h, self.layer, "k", Calibration(keys, queries, rope=rope), use, head_offset=off
         )
         self.v_codec = build_codec(cfg.values, cfg, dv, h, self.layer, "v", Calibration(values), use, head_offset=off)
         mx.eval([c.constants() for c in (self.k_codec, self.v_codec)])  # ready, and usable from any thread
@@ -408,7 +417,8 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
                 view = self.codes.ordered() if ordered else self.codes.view()
                 fp = self.k_codec is FP16 and self.v_codec is FP16
                 k, v = prefixed(view, "k_"), prefixed(view, "v_")
-                out.append(Block(self.k_codec, self.v_codec, k, v, fp, self.codes.length))
+                kc = at(self.k_codec, self.sink.length)  # codes follow the sinks (RoPE-centred keys need it)
+                out.append(Block(kc, self.v_codec, k, v, fp, self.codes.length))
             if self.window.length:
                 out.append(_fp_block(self.window, ordered))
         if values_from_keys:
@@ -461,6 +471,7 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
             d = min(left, st.length)
             st.trim_back(d)
             left -= d
+            self.encoded -= d if st is self.codes else 0
         self.offset -= n
         self.pending = False
         return n
@@ -506,6 +517,7 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
             "shape": self.shape,
             "expect": self.expect,
             "calibration_length": self.calibration_length,
+            "encoded": self.encoded,
             **{f"n_{name}": st.length for name, st in self._named_stores()},
         }
         st = {"tq_meta": json.dumps(meta)}
@@ -516,6 +528,8 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
                 st.update({f"calib_{p}_{n}": a for n, a in c.calibration_state().items()})
         if self.qstats is not None:
             st.update({f"qstats_{n}": a for n, a in self.qstats.state().items()})
+        if self.rope is not None:
+            st.update({f"rope_{n}": a for n, a in self.rope.state().items()})
         return st
 
     def _named_stores(self):

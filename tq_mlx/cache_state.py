@@ -12,6 +12,7 @@ import mlx.core as mx
 
 from .calibration import QueryStats
 from .config import CacheConfig
+from .rope_mean import RopeMap
 from .sharding import Shard
 
 STATE_VERSION = 3
@@ -81,9 +82,14 @@ def restore(cache, st):
     cache._clear()
     cache.shape = tuple(shape) if shape else None
     cache.calibration_length = calibrated
+    cache.encoded = int(meta.get("encoded", counts["codes"]))  # files from before it: codes in position order
     for name in STORES:
         getattr(cache, name).load(stores[name])
     cache.qstats = QueryStats.from_state(qstats) if qstats else None
+    try:
+        cache.rope = RopeMap.from_state(prefixed(st, "rope_"))
+    except Exception as e:
+        raise CacheStateError(f"corrupt cache state: RoPE map: {e}") from None
     if calibrated:
         try:
             cache._rebuild_codecs(calib)

@@ -19,6 +19,7 @@ from .calibration import channel_mean, outlier_channels, query_weights, query_wh
 from .config import CacheConfig, CodecSpec
 from .fp16_codec import FP16
 from .hqmq import HQMQ
+from .rope_mean import RopeMap, fit_mean, rotate
 from .turboquant import TurboQuant
 
 
@@ -36,12 +37,14 @@ def split_sizes(bits: float, d: int):
 
 @dataclass(frozen=True)
 class Calibration:
-    """What a codec may learn from: the first vectors x (B, H, T, d), the queries grouped per KV head
-    (B, H, M, d) (keys only), and `state`, a saved `calibration_state()` that takes precedence."""
+    """What a codec may learn from: the first vectors x (B, H, T, d) (positions 0 .. T-1), the queries grouped
+    per KV head (B, H, M, d) (keys only), the layer's RopeMap when it is known and the layer keeps its first
+    tokens (keys only), and `state`, a saved `calibration_state()` that takes precedence."""
 
     x: object = None
     queries: object = None
     state: dict = None
+    rope: object = None
 
     def get(self, name, compute):
         """The saved value `name`, else compute() from the data."""
@@ -59,12 +62,35 @@ def _hqmq(spec, cfg, d, n_heads, layer, part, calib, use_kernels, batch, head_of
     )
 
 
+def _rope_centring(spec, part, calib, batch):
+    """(RopeMap, mu (H, d)) for RoPE-aware key centring (center="rope"), from the saved state or fitted to
+    calib.x; None where it does not apply (values, batch rows, no known RoPE): the static mean then."""
+    if part != "k" or spec.center != "rope" or batch:
+        return None
+    st = calib.state or {}
+    if "rope_mean" in st:
+        rmap = RopeMap.from_state({k[5:]: v for k, v in st.items() if k.startswith("rope_") and k != "rope_mean"})
+        return rmap, st["rope_mean"]
+    if st or calib.rope is None or calib.x is None:
+        return None
+    return calib.rope, fit_mean(calib.rope, calib.x)
+
+
 def _turboquant(spec, cfg, d, n_heads, layer, part, calib, use_kernels, batch, head_offset):
-    mean = calib.get("mean", lambda: channel_mean(calib.x)) if spec.center else None
+    rope = _rope_centring(spec, part, calib, batch)
+    mean = calib.get("mean", lambda: channel_mean(calib.x)) if spec.center and rope is None else None
     weight = None
     if part == "k" and spec.query_weighting:
         fn = query_whitening if spec.query_weighting == "full" else query_weights
-        weight = calib.get("weight", lambda: None if calib.queries is None else fn(calib.x, calib.queries, mean))
+
+        def learn():
+            if calib.queries is None:
+                return None
+            if rope is None:
+                return fn(calib.x, calib.queries, mean)
+            return fn(calib.x - rotate(rope[0], rope[1], 0, calib.x.shape[2]), calib.queries)
+
+        weight = calib.get("weight", learn)
     common = dict(
         qjl=spec.qjl,
         rotation=cfg.rotation,
@@ -77,6 +103,7 @@ def _turboquant(spec, cfg, d, n_heads, layer, part, calib, use_kernels, batch, h
         head_offset=head_offset,
         use_kernels=use_kernels,
         batch=batch,
+        rope=rope,
     )
     if spec.bits == int(spec.bits):
         return TurboQuant(d, n_heads, int(spec.bits), **common)

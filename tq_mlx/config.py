@@ -33,7 +33,10 @@ class CodecSpec:
         the outlier split: frac * d channels (rounded to 16) at ceil(bits), the rest at floor(bits).
     qjl: TurboQuant_prod (bits - 1 mse bits + 1 QJL bit).
     center: subtract a per-(layer, head) channel mean learnt from the first tokens before
-        encoding; added back exactly in attention (TurboQuant only).
+        encoding; added back exactly in attention (TurboQuant only).  "rope" (keys): the mean taken
+        before the layer's rotary embedding, turned to each key's position (rope_mean.py); it applies
+        to full-attention layers whose RoPE is known, others keep the static mean.  The kernels and
+        batch rows read only static means (those calls take the reference path; batches refuse it).
     query_weighting: keys only: scale channels by (E q^2 / E k^2)^(1/4), learnt
         from the first queries and keys, and divide queries by the same weights
         (scores unchanged; quantization noise moved off the channels queries use).
@@ -49,7 +52,7 @@ class CodecSpec:
     codec: str = "turboquant"
     bits: float = 4
     qjl: bool = False
-    center: bool = True
+    center: object = True  # True, False or "rope"
     query_weighting: object = True  # True, False or "full"
     grid: str = "lloyd-max"
     hqmq: str = "s96_r4"
@@ -61,6 +64,8 @@ class CodecSpec:
             _check_bits(self.bits)
             if self.qjl and self.bits != int(self.bits):
                 raise ValueError(f"QJL takes whole bits (got {self.bits}); the outlier split has no QJL variant")
+        if not (isinstance(self.center, bool) or self.center == "rope"):
+            raise ValueError(f"center must be True, False or 'rope', got {self.center!r}")
         if not (isinstance(self.query_weighting, bool) or self.query_weighting == "full"):
             raise ValueError(f"query_weighting must be True, False or 'full', got {self.query_weighting!r}")
         if self.grid not in GRIDS:
@@ -117,8 +122,9 @@ class CacheConfig:
         return cls(**{**d, "keys": CodecSpec(**d["keys"]), "values": CodecSpec(**d["values"])})
 
 
-def _kv(kb, vb, **kw):
-    return CacheConfig(keys=CodecSpec(bits=kb, **kw), values=CodecSpec(bits=vb, **kw))
+def _kv(kb, vb, center=True, **kw):
+    """kXvY: center="rope" applies to the keys (values have no RoPE: static mean)."""
+    return CacheConfig(keys=CodecSpec(bits=kb, center=center, **kw), values=CodecSpec(bits=vb, **kw))
 
 
 PRESETS = {
@@ -135,6 +141,9 @@ PRESETS = {
     "k8v8-fast": _kv(8, 8, grid="uniform"),
     "k4v4-fast": _kv(4, 4, grid="uniform"),
     "k4v3-fast": _kv(4, 3, grid="uniform"),
+    "k4v4-rope": _kv(4, 4, center="rope"),
+    "k3v3-rope": _kv(3, 3, center="rope"),
+    "k2v2-rope": _kv(2, 2, center="rope"),
     "k4v4-tcq": _kv(4, 4, grid="trellis"),
     "k3v3-tcq": _kv(3, 3, grid="trellis"),
     "k2v2-tcq": _kv(2, 2, grid="trellis"),
@@ -158,7 +167,7 @@ def auto_preset(head_dims=()) -> str:
     return "k4v4-fast"
 
 
-_KV_RE = re.compile(r"^k(\d(?:\.\d+)?)v(\d(?:\.\d+)?)(-fast|-tcq)?$")
+_KV_RE = re.compile(r"^k(\d(?:\.\d+)?)v(\d(?:\.\d+)?)(-fast|-tcq)?(-rope)?$")
 _SUFFIX_GRID = {None: "lloyd-max", "-fast": "uniform", "-tcq": "trellis"}
 
 
@@ -181,11 +190,12 @@ def resolve_config(config=None, *, head_dims=(), **overrides) -> CacheConfig:
             cfg = PRESETS[config]
         elif m := _KV_RE.match(config):
             kb, vb = (float(g) if "." in g else int(g) for g in m.groups()[:2])
-            cfg = replace(_kv(kb, vb, grid=_SUFFIX_GRID[m.group(3)]), name=config)
+            center = "rope" if m.group(4) else True
+            cfg = replace(_kv(kb, vb, center, grid=_SUFFIX_GRID[m.group(3)]), name=config)
         else:
             raise ValueError(
                 f"unknown KV preset {config!r}; allowed: {', '.join(PRESETS)}, or 'kXvY' with X, Y in 1..8 "
-                "(-fast: the uniform grid, -tcq: trellis codes)"
+                "(-fast: the uniform grid, -tcq: trellis codes; then -rope: RoPE-aware key centring)"
             )
     else:
         raise TypeError(f"config must be a preset name or a CacheConfig, got {type(config).__name__}")

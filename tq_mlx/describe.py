@@ -28,6 +28,9 @@ def _kind(c) -> tuple[str, bool]:
             if c.calibrated
             else "exact so far"
         )
+        if c.config.keys.center == "rope":  # say where RoPE-aware centring does not apply
+            rope = c.rope is not None and c.chunk_size is None
+            how += ", keys centred before RoPE" if rope else ", static key mean (no RoPE map for this layer)"
         return f"{kind}, TurboQuant {c.config.name} ({how})", True
     if isinstance(c, mlx_cache.CacheList):
         parts = [_kind(m) for m in c.caches]

@@ -12,7 +12,7 @@ import logging
 
 from mlx_lm.models import cache as mlx_cache
 
-from . import describe, patch, sharding
+from . import describe, patch, rope_mean, sharding
 from .cache import TurboQuantKVCache
 from .cache_state import CacheStateError
 from .codec_factory import check_dims
@@ -32,6 +32,15 @@ def _layer_dims(model, i: int, n: int):
     if isinstance(h, int) and isinstance(d, int):
         return h, (d, d)
     return None, None
+
+
+def _layer_rope(model, i: int, n: int, cfg, dims):
+    """Layer i's RopeMap (`rope_mean.probe` of its attention's `rope`) when the config centres keys with it."""
+    layers = getattr(model, "layers", None)
+    if cfg.keys.center != "rope" or not dims or layers is None or len(layers) != n:
+        return None
+    rope = getattr(getattr(layers[i], "self_attn", None), "rope", None)
+    return None if rope is None or not callable(rope) else rope_mean.probe(rope, dims[0])
 
 
 def _bounded(c, max_kv_size):
@@ -80,19 +89,20 @@ def make_prompt_cache(model, config=None, max_kv_size=None, **overrides):
             check_dims(cfg, d, f"layer {i}")
         boundary = i < cfg.boundary_layers or i >= n - cfg.boundary_layers
         shard = sharding.layer_shard(model, i) if len(getattr(model, "layers", ())) == n else None
-        out.append(_swap(c, cfg, i, max_kv_size, boundary, h, dims, shard))
+        rope = _layer_rope(model, i, n, cfg, dims)
+        out.append(_swap(c, cfg, i, max_kv_size, boundary, h, dims, shard, rope))
     _report_uncompressed(out)
     return out
 
 
-def _swap(c, cfg, layer, max_kv_size, boundary, h, dims, shard):
+def _swap(c, cfg, layer, max_kv_size, boundary, h, dims, shard, rope=None):
     """The cache that replaces mlx-lm's cache c of one layer (CacheList members one by one)."""
     if type(c) is mlx_cache.CacheList:
         members = (_swap(m, cfg, layer, max_kv_size, boundary, None, None, shard) for m in c.caches)
         return mlx_cache.CacheList(*members)
     if boundary:
         return _bounded(c, max_kv_size)
-    common = dict(kv_heads=h, head_dims=dims, shard=shard)
+    common = dict(kv_heads=h, head_dims=dims, shard=shard, rope=rope)
     if type(c) is mlx_cache.KVCache:
         keep = KEEP if max_kv_size else 0
         return TurboQuantKVCache(cfg, layer, max_size=max_kv_size, keep=keep, **common)

@@ -158,6 +158,8 @@ class TurboQuant:
     head_offset: the global index of head 0 (a tensor-parallel rank holds heads
     head_offset .. head_offset + n_heads - 1): every per-head seed derives from the global index.
     use_kernels: encode through the tq_encode (tq_viterbi for trellis codes) Metal kernel where it applies.
+    rope: optional (RopeMap, mu (H, d)): RoPE-aware centring of keys (rope_mean.py) instead of `mean`; the
+    codes then depend on positions, so only `rope_mean.at(codec, start)` encodes and reads them.
     Research options (not in CodecSpec): qjl_kind, norm_dtype, norm_correction.
     """
 
@@ -183,6 +185,7 @@ class TurboQuant:
         head_offset=0,
         use_kernels=False,
         batch=False,
+        rope=None,
     ):
         sizes = [d] if sizes is None else list(sizes)
         bits = [bits] if isinstance(bits, int) else list(bits)
@@ -223,6 +226,9 @@ class TurboQuant:
         self._cuts = np.cumsum(sizes)[:-1].tolist()
         self.encode_block = ENCODE_BLOCK if grid == "trellis" else 1
         self.mean = None if mean is None else mx.array(mean).astype(mx.float32)
+        if rope is not None and (mean is not None or batch):
+            raise ValueError("RoPE-aware centring replaces the static mean and is not built for batch rows")
+        self.rope_map, self.rope_mean = (None, None) if rope is None else (rope[0], mx.array(rope[1], mx.float32))
         self.weight = None if weight is None else mx.array(weight).astype(mx.float32)
         self.full_weight = self.weight is not None and self.weight.ndim == 3 + bool(batch)
         self._winv = None
@@ -261,6 +267,8 @@ class TurboQuant:
         """Bytes of per-head constants held (rotation signs or matrices, means, weights, QJL matrices)."""
         extra = 0 if self.mean is None else self.mean.nbytes + self.mean_rot.nbytes
         extra += 0 if self.weight is None else self.weight.nbytes * (1 + (self._winv is not None))
+        if self.rope_mean is not None:
+            extra += self.rope_mean.nbytes + sum(a.nbytes for a in self.rope_map)
         return extra + self.rotation.nbytes + sum(s.side_nbytes for s in self.segments)
 
     @property
@@ -270,7 +278,8 @@ class TurboQuant:
 
     def constants(self) -> list:
         """Every array the codec holds."""
-        out = [a for a in (self.mean, self.mean_rot, self.weight, self._winv) if a is not None]
+        out = [a for a in (self.mean, self.mean_rot, self.weight, self._winv, self.rope_mean) if a is not None]
+        out += [] if self.rope_map is None else list(self.rope_map)
         out += [self.kernel_mean, self.kernel_mean_rot]
         out += [data for _, data in self.rotation.blocks]
         out += [a for a in (self.rotation.perm, self.rotation.inv_perm) if a is not None]
@@ -281,6 +290,8 @@ class TurboQuant:
     def calibration_state(self) -> dict:
         out = {} if self.rotation.perm is None else {"perm": self.rotation.perm}
         out = out if self.mean is None else {**out, "mean": self.mean}
+        if self.rope_mean is not None:
+            out.update({"rope_mean": self.rope_mean, **{f"rope_{k}": v for k, v in self.rope_map.state().items()}})
         return out if self.weight is None else {**out, "weight": self.weight}
 
     # ---- what the Metal kernels read ---------------------------------------
@@ -294,6 +305,8 @@ class TurboQuant:
             return "the uniform grid (MLX's quantized kernels serve it)"
         if seg.qjl:
             return "QJL"
+        if self.rope_mean is not None:
+            return "RoPE-centred keys (the kernels add a static mean only)"
         if self.d not in kernels.SUPPORTED_D:
             return f"head_dim {self.d} not in {kernels.SUPPORTED_D}"
         return None
@@ -346,6 +359,12 @@ class TurboQuant:
 
     def encode(self, x: mx.array) -> dict:
         """Codes for x (B, H, T, d): a dict of arrays with leading dims (B, H, T)."""
+        if self.rope_mean is not None:
+            raise ValueError("RoPE-centred codes depend on positions: encode through rope_mean.at(codec, start)")
+        return self.encode_centred(x)
+
+    def encode_centred(self, x: mx.array) -> dict:
+        """encode, for x (B, H, T, d) whose position-dependent mean (if any) the caller has taken off."""
         if self.kernel_encode:
             seg, tmap = self.segments[0], self.kernel_map("encode")
 

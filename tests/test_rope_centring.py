@@ -1,0 +1,176 @@
+"""RoPE-aware key centring (center="rope", the -rope presets): the keys' mean taken before the rotary
+embedding and turned back to each key's position."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from mlx_lm.models import cache as mlx_cache
+from mlx_lm.models.rope_utils import initialize_rope
+
+import tq_mlx
+from tq_mlx import TurboQuantKVCache
+from tq_mlx.patch import tq_scaled_dot_product_attention as sdpa
+from tq_mlx.rope_mean import AtPositions, fit_mean, probe, rotate
+
+D = 64
+ROPES = {
+    "half pairs": nn.RoPE(D, base=10000.0),
+    "traditional": nn.RoPE(D, traditional=True, base=10000.0),
+    "partial dims": nn.RoPE(D // 2, base=10000.0),
+    "llama3": initialize_rope(
+        D,
+        500000.0,
+        False,
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        131072,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(ROPES))
+def test_a_probed_map_turns_vectors_as_the_model_rope_does(name):
+    rope = ROPES[name]
+    rmap = probe(rope, D)
+    assert rmap is not None
+    mu = mx.random.normal((2, D), key=mx.random.key(1))
+    for start, n in ((0, 5), (777, 3), (20000, 2)):  # float32 angles: agreement to 1e-3 up to ~2e4
+        want = rope(mx.broadcast_to(mu[None, :, None], (1, 2, n, D)), offset=start)
+        assert mx.allclose(rotate(rmap, mu, start, n), want, atol=2e-3)
+
+
+def test_a_module_that_is_not_a_rotation_gives_no_map():
+    assert probe(lambda x, offset=0: x * (1 + offset), D) is None  # grows with the position
+    assert probe(lambda x: x, D) is None  # takes no offset
+
+
+def test_the_fitted_mean_is_the_pre_rope_mean_of_the_keys():
+    rmap = probe(ROPES["half pairs"], D)
+    mu = 3 * mx.random.normal((2, D), key=mx.random.key(2))
+    x = rotate(rmap, mu, 0, 512) + 0.1 * mx.random.normal((1, 2, 512, D), key=mx.random.key(3))
+    assert mx.allclose(fit_mean(rmap, x), mu * 512 / (512 + 8), atol=0.05)
+
+
+def _rope_keys(n, mu_scale=4.0, seed=0):
+    """Keys with a large mean before RoPE (as real keys have): R_t mu + noise, (1, 2, n, D); values."""
+    rmap = probe(ROPES["half pairs"], D)
+    k1, k2, k3 = mx.random.split(mx.random.key(seed), 3)
+    mu = mu_scale * mx.random.normal((2, D), key=k1)
+    keys = rotate(rmap, mu, 0, n) + mx.random.normal((1, 2, n, D), key=k2)
+    return rmap, keys, mx.random.normal((1, 2, n, D), key=k3)
+
+
+def _feed(cache, k, v, sizes):
+    queries = mx.random.normal((1, 6, k.shape[2], D), key=mx.random.key(9))
+    out, pos = [], 0
+    for n in sizes:
+        cache.update_and_fetch(k[:, :, pos : pos + n], v[:, :, pos : pos + n])
+        out.append(sdpa(queries[:, :, pos : pos + n], None, None, cache, D**-0.5, "causal" if n > 1 else None))
+        pos += n
+    return out
+
+
+def _key_error(config, rmap, keys, values):
+    cache = TurboQuantKVCache(tq_mlx.resolve_config(config, quant_start=128), rope=rmap)
+    _feed(cache, keys, values, [256, 1, 1])
+    got, _ = cache.all_arrays()
+    return float(mx.mean((got - keys) ** 2).item())
+
+
+def test_rope_centring_removes_the_turning_mean_that_a_static_mean_leaves():
+    rmap, keys, values = _rope_keys(258)
+    static, turned = _key_error("k4v4", rmap, keys, values), _key_error("k4v4-rope", rmap, keys, values)
+    assert turned < 0.25 * static
+
+
+def test_prefill_and_decode_on_rope_centred_codes_match_exact_attention_at_8_bits():
+    rmap, keys, values = _rope_keys(300)
+    queries = mx.random.normal((1, 6, 300, D), key=mx.random.key(9))
+    cfg = tq_mlx.CacheConfig(
+        keys=tq_mlx.CodecSpec(bits=8, center="rope"), values=tq_mlx.CodecSpec(bits=8), quant_start=128
+    )
+    cache = TurboQuantKVCache(cfg, rope=rmap)
+    got = mx.concatenate(_feed(cache, keys, values, [200, 98, 1, 1]), axis=2)
+    want = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=D**-0.5, mask="causal")
+    assert cache.k_codec.rope_mean is not None
+    assert mx.allclose(got, want, atol=0.03)
+
+
+def test_rope_centred_codes_are_only_encoded_with_their_positions():
+    rmap, keys, values = _rope_keys(130)
+    cache = TurboQuantKVCache(tq_mlx.resolve_config("k4v4-rope", quant_start=128), rope=rmap)
+    _feed(cache, keys, values, [130])
+    with pytest.raises(ValueError, match="depend on positions"):
+        cache.k_codec.encode(keys)
+    assert isinstance(cache.blocks()[1].k_codec, AtPositions)
+
+
+def test_a_sliding_layer_reads_its_ring_with_the_positions_its_codes_keep():
+    rmap, keys, values = _rope_keys(140)
+    cfg = tq_mlx.CacheConfig(
+        keys=tq_mlx.CodecSpec(bits=8, center="rope"), values=tq_mlx.CodecSpec(bits=8), quant_start=64
+    )
+    cache = TurboQuantKVCache(cfg, max_size=128, keep=4, rope=rmap)
+    _feed(cache, keys, values, [100] + [1] * 40)  # the ring wraps
+    assert cache.k_codec.rope_mean is not None and "k_pos" in cache.codes.view()
+    got, _ = cache.all_arrays()
+    held = list(range(4)) + list(range(140 - 124, 140))
+    assert mx.allclose(got, keys[:, :, mx.array(held)], atol=0.05)
+
+
+def test_a_saved_rope_centred_cache_reloads_to_the_same_attention(tmp_path):
+    rmap, keys, values = _rope_keys(260)
+    cache = TurboQuantKVCache(tq_mlx.resolve_config("k4v4-rope", quant_start=128), rope=rmap)
+    _feed(cache, keys[:, :, :259], values[:, :, :259], [256, 1, 1, 1])
+    path = str(tmp_path / "c.safetensors")
+    mlx_cache.save_prompt_cache(path, [cache])
+    (back,) = tq_mlx.load_prompt_cache(path)
+    assert back.rope is not None and back.k_codec.rope_mean is not None
+    q = mx.random.normal((1, 6, 1, D), key=mx.random.key(5))
+    outs = []
+    for c in (cache, back):
+        c.update_and_fetch(keys[:, :, 259:], values[:, :, 259:])
+        outs.append(sdpa(q, None, None, c, D**-0.5, None))
+    assert mx.array_equal(outs[0], outs[1])
+
+
+def test_rope_centred_caches_refuse_to_batch():
+    rmap, keys, values = _rope_keys(130)
+    caches = [TurboQuantKVCache(tq_mlx.resolve_config("k4v4-rope", quant_start=64), rope=rmap) for _ in range(2)]
+    for c in caches:
+        _feed(c, keys, values, [130])
+    with pytest.raises(NotImplementedError, match="RoPE-centred"):
+        TurboQuantKVCache.merge(caches)
+
+
+def test_kxvy_rope_names_resolve_to_rope_centred_keys_and_static_values():
+    cfg = tq_mlx.resolve_config("k3v3-tcq-rope")
+    assert cfg.keys.center == "rope" and cfg.values.center is True and cfg.keys.grid == "trellis"
+    with pytest.raises(ValueError, match="center must be"):
+        tq_mlx.CodecSpec(center="pre-rope")
+
+
+def test_smollm2_full_attention_layers_get_its_rope(smol):
+    model, _ = smol
+    cache = tq_mlx.make_prompt_cache(model, "k4v4-rope")
+    assert all(c.rope is not None for c in cache)
+    assert all(c.rope is None for c in tq_mlx.make_prompt_cache(model, "k4v4"))
+    assert "keys centred before RoPE" in tq_mlx.describe_cache(cache)[0]
+
+
+def test_rope_centring_lowers_smollm2_kl_on_real_text(smol):
+    from lm_checks import kl_and_top1, teacher_forced
+
+    from tq_mlx.bench import quality, texts
+
+    model, tok = smol
+    ids = quality.text_tokens(tok, texts.path("pride_and_prejudice"), 512)
+    ref = teacher_forced(model, ids, mlx_cache.make_prompt_cache(model))
+    static, _ = kl_and_top1(ref, teacher_forced(model, ids, tq_mlx.make_prompt_cache(model, "k4v4")))
+    turned, _ = kl_and_top1(ref, teacher_forced(model, ids, tq_mlx.make_prompt_cache(model, "k4v4-rope")))
+    assert turned < 0.8 * static

@@ -1,0 +1,160 @@
+"""RoPE-aware key centring: the keys' mean taken before the rotary embedding.
+
+Keys reach the cache after RoPE: k_t = R_t k'_t, R_t the layer's rotary map at
+position t.  Pre-RoPE keys have a large constant part mu (on SmolLM2 the residual
+k_t - R_t mu holds 42 % of the energy left by a static post-RoPE mean), which a
+static mean cannot remove since R_t turns it with t.  The key codec then encodes
+k_t - R_t mu and adds R_t mu back exactly in attention (`AtPositions`), so
+scores are unchanged except for a smaller quantization error.
+
+R_t is read off the model's own rope module (`probe`), as a `RopeMap`: every
+coordinate i turns with one partner p(i) at angle t * phi_i and scale s_i,
+
+    (R_t x)_j = s_j x_j cos(t phi_j) + s_p x_p sin(t phi_p),   p = p(j),
+
+which covers mlx-lm's RoPE variants (traditional or half-split pairs, partial
+dims, Llama-3 / YaRN / SuScaled frequencies and scales).  A module that is not
+of that form (checked at many positions) gives None: static centring.
+"""
+
+from typing import NamedTuple
+
+import mlx.core as mx
+import numpy as np
+
+PRIOR_TOKENS = 8  # the fitted mean shrinks toward 0 as if from this many more tokens (calibration.PRIOR_TOKENS)
+_PROBE = ((0, 64), (1000, 8), (30000, 8))  # (first position, count) where a probed map must match the module
+
+
+class RopeMap(NamedTuple):
+    """partner int32 (d,), angle float32 (d,) radians per position, scale float32 (d,)."""
+
+    partner: mx.array
+    angle: mx.array
+    scale: mx.array
+
+    def state(self) -> dict:
+        return {"partner": self.partner, "angle": self.angle, "scale": self.scale}
+
+    @classmethod
+    def from_state(cls, st: dict):
+        """The map saved by `state()`, or None when st is empty."""
+        if not st:
+            return None
+        if set(st) != {"partner", "angle", "scale"}:
+            raise ValueError(f"a RoPE map holds partner, angle and scale; got {sorted(st)}")
+        return cls(st["partner"].astype(mx.int32), st["angle"].astype(mx.float32), st["scale"].astype(mx.float32))
+
+
+def positions(start: int, n: int) -> mx.array:
+    """start .. start + n - 1 as int32 (1, 1, n)."""
+    return (mx.arange(n, dtype=mx.int32) + start)[None, None]
+
+
+def _phases(angle: mx.array, pos: mx.array):
+    """cos and sin of t * angle for the positions pos (B, 1, n): float32 (B, 1, n, d) each."""
+    a = pos.astype(mx.float32)[..., None] * angle
+    return mx.cos(a), mx.sin(a)
+
+
+def rotate_at(rmap: RopeMap, mu: mx.array, pos: mx.array) -> mx.array:
+    """R_t mu at positions pos (B, 1, n): mu (H, d) -> float32 (B, H, n, d)."""
+    c, s = _phases(rmap.angle, pos)
+    sc = (rmap.scale * mu)[None, :, None]  # (1, H, 1, d)
+    return sc * c + mx.take(sc, rmap.partner, axis=-1) * mx.take(s, rmap.partner, axis=-1)
+
+
+def rotate(rmap: RopeMap, mu: mx.array, start: int, n: int) -> mx.array:
+    """R_t mu for t = start .. start + n - 1: mu (H, d) -> float32 (1, H, n, d)."""
+    return rotate_at(rmap, mu, positions(start, n))
+
+
+def fit_mean(rmap: RopeMap, x: mx.array, start: int = 0) -> mx.array:
+    """The pre-RoPE mean mu minimising sum_t |x_t - R_t mu|^2 over keys x (B, H, T, d) at positions
+    start .. start + T - 1, shrunk toward 0: float32 (H, d).  R_t^T x_t is the same formula run backwards."""
+    B, _, T, _ = x.shape
+    c, s = _phases(rmap.angle, positions(start, T))
+    x = x.astype(mx.float32)
+    xp = mx.take(x, rmap.partner, axis=-1)
+    back = rmap.scale * (x * c + xp * s)  # (R_t^T x_t)_i = s_i (x_i cos(t phi_i) + x_p sin(t phi_i))
+    return back.sum(axis=(0, 2)) / (B * T * rmap.scale**2 + PRIOR_TOKENS)
+
+
+def probe(rope, d: int):
+    """The RopeMap of a rope module (called as rope(x, offset=t0) on (B, H, T, d), as mlx-lm's are), or None
+    when it is not a per-pair rotation with fixed angles and scales (checked at several positions)."""
+    try:
+        eye = mx.eye(d)[None, :, None, :]  # (1, d, 1, d): basis vector e_i as head i
+        at = {t0: rope(mx.broadcast_to(eye, (1, d, n, d)), offset=t0) for t0, n in _PROBE}
+        y = np.array(at[0].astype(mx.float32), dtype=np.float64)[0]  # (d inputs, T, d outputs)
+    except Exception:
+        return None
+    scale = np.linalg.norm(y[:, 0], axis=-1)
+    if not np.all(scale > 0):
+        return None
+    one = y[:, 1] / scale[:, None]  # input i at position 1
+    far = np.abs(np.array(at[_PROBE[-1][0]].astype(mx.float32), dtype=np.float64)[0]).max(axis=1)
+    off = (far + np.abs(one)) * (1 - np.eye(d))  # slow pairs turn visibly only far out
+    partner = np.where(off.max(axis=-1) > 1e-6, off.argmax(axis=-1), np.arange(d))
+    angle = np.arctan2(one[np.arange(d), partner] * (partner != np.arange(d)), one[np.arange(d), np.arange(d)])
+    if np.any(partner[partner] != np.arange(d)):
+        return None
+    rmap = RopeMap(
+        mx.array(partner.astype(np.int32)), mx.array(angle.astype(np.float32)), mx.array(scale.astype(np.float32))
+    )
+    eye_mu = mx.eye(d)
+    for t0, n in _PROBE:
+        want = np.array(at[t0].astype(mx.float32))[0]
+        got = np.array(rotate(rmap, eye_mu, t0, n))[0]
+        if not np.allclose(got, want, atol=2e-3 * max(1.0, float(scale.max()))):
+            return None
+    return rmap
+
+
+class AtPositions:
+    """A RoPE-centred key codec bound to positions start, start + 1, ...: encodes and reads tokens with the
+    mean R_t mu taken off and put back.  keep_positions: encodings also hold their positions ("pos", int32
+    (B, 1, n): codes in a ring, whose slots are not in position order), and reading uses them.
+    Every other attribute is the codec's."""
+
+    def __init__(self, codec, start: int, keep_positions: bool = False):
+        self.codec, self.start, self.keep_positions = codec, start, keep_positions
+
+    def __getattr__(self, name):
+        return getattr(self.codec, name)
+
+    def _mean(self, enc: dict, n: int) -> mx.array:
+        """R_t mu in the stored domain for the n tokens of enc: float32 (B or 1, H, n, d)."""
+        c = self.codec
+        pos = enc["pos"] if "pos" in enc else positions(self.start, n)
+        return c.to_stored(rotate_at(c.rope_map, c.rope_mean, pos))
+
+    def encode(self, x: mx.array) -> dict:
+        c = self.codec
+        pos = positions(self.start, x.shape[2])
+        out = c.encode_centred(x.astype(mx.float32) - rotate_at(c.rope_map, c.rope_mean, pos))
+        if self.keep_positions:
+            out["pos"] = mx.broadcast_to(pos, (x.shape[0], 1, x.shape[2]))
+        return out
+
+    def decode_stored(self, enc: dict) -> mx.array:
+        y = self.codec.decode_stored(enc)
+        return y + self._mean(enc, y.shape[2])
+
+    def decode(self, enc: dict) -> mx.array:
+        return self.codec.unrotate(self.decode_stored(enc))
+
+    def scores(self, q_rot: mx.array, enc: dict) -> mx.array:
+        s = self.codec.scores(q_rot, enc)
+        return s + q_rot @ mx.swapaxes(self._mean(enc, s.shape[-1]), -1, -2)
+
+    def accumulate(self, p: mx.array, enc: dict) -> mx.array:
+        """The keys as values (MLA's latent attention): sum_t p_t (y~_t + R_t mu) in the stored domain."""
+        return self.codec.accumulate(p, enc) + p @ self._mean(enc, p.shape[-1])
+
+
+def at(codec, start: int, keep_positions: bool = False):
+    """codec bound to positions from `start` when it is RoPE-centred, else codec itself."""
+    if getattr(codec, "rope_mean", None) is None:
+        return codec
+    return AtPositions(codec, start, keep_positions)
