@@ -330,6 +330,11 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
             self.window = staged
 
     @property
+    def _positional(self) -> bool:
+        """Whether the key codes depend on positions (RoPE-centred keys: `encoded` places the next ones)."""
+        return getattr(self.k_codec, "rope_mean", None) is not None
+
+    @property
     def _keeps_front(self) -> bool:
         """Whether the first tokens stay for good (full attention: they can go to the fp16 sink store)."""
         return self.max_size is None and self.chunk_size is None
@@ -517,7 +522,7 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
             "shape": self.shape,
             "expect": self.expect,
             "calibration_length": self.calibration_length,
-            "encoded": self.encoded,
+            **({"encoded": self.encoded} if self._positional else {}),  # where RoPE-centred codes go on
             **{f"n_{name}": st.length for name, st in self._named_stores()},
         }
         st = {"tq_meta": json.dumps(meta)}
