@@ -7,6 +7,7 @@
 
 constexpr constant float TQ_LOG2E = 1.4426950408889634f;
 constexpr constant float TQ_NEG_BIG = -3.0e38f;  // a finite "no score yet" (exp2 of a difference stays 0)
+constexpr constant int TQ_ROPE_TILE = 16;  // tq_rope_bias: blocks per threadgroup (a ring's front: one tile)
 
 // The 8*BITS bits of chunk c of the row that starts at `row` (BITS <= 8: at most 64 bits, 3 words).
 template <int BITS, typename P>

@@ -3,14 +3,20 @@
 //           (0: Lloyd-Max codes, the code indexes the codebook; else trellis codes, KB / VB <= 4, indexed by the
 //           KL / VL-bit window ending with the code, tq_common.h),
 //           G (query heads per KV head), GH (query heads per threadgroup: 1, 2 or 4), ROT (0: Hadamard,
-//           `qmap` (CH, D) scales q before the unnormalised transform; 1: dense, q' = qmap[h] q).
+//           `qmap` (CH, D) scales q before the unnormalised transform; 1: dense, q' = qmap[h] q), RB (0, or
+//           RoPE-centred keys: positions per block of the turned key mean, whose term `kf` holds), RPOS
+//           (RB > 0: 0, code slot t at position S + t; 1, at position kpos[t], a sliding window's ring).
 // Inputs:  q (B*H*G*D) QT raw queries; scale (float); qmap (CH, D) or (CH, D, D); kmr (CH, D) f32 key mean in
 //          the stored domain (CH = H, or B*H when each batch row has codecs of its own: row b*H + h);
 //          kc (B, H, cap, WK) u32, kn (B, H, cap) NT, vc (B, H, cap, WV) u32, vn (B, H, cap) NT: the code
 //          store's full buffers; kcb (2^KB or 2^KL), vcb (2^VB or 2^VL) f32 codebooks or trellis tables; sk, sv
 //          (B, H, SC, D) fp16 sink tokens; wk, wv (B, H, RC, D) fp16 window ring; ek, ev (B, H, EC, D) exact
 //          tokens (a batch row not yet calibrated; any float type); lens int32 (LB, 4), LB = B or 1 (shared):
-//          per batch row [T, S, R, E] coded, sink, window and exact tokens; params int32 [BLK] keys per block.
+//          per batch row [T, S, R, E] coded, sink, window and exact tokens; kf (B*H*G, NF) f32 (RB > 0): the
+//          turned key mean's term per query row and block of RB positions (tq_rope_bias) from block FB0 on;
+//          kpos (B, 1, cap) int32 (RPOS): each code slot's position; params int32 [BLK, FB0, FRONT]: keys
+//          per block; kf's entry for position t: block t / RB - FB0, or with FRONT = 1 (a ring that keeps its
+//          first tokens) block t / RB for t < TQ_ROPE_TILE * RB and TQ_ROPE_TILE + t / RB - FB0 after.
 //          Counts are read at run time (no recompile per step); a row's slots past its counts are never read.
 // Outputs: po (B*H*G, NB + 1, D), pm, pl (B*H*G, NB + 1) f32: for block b < NB the codes [b*BLK, b*BLK + BLK)
 //          in the stored domain (pm includes the key-mean shift); block NB the fp16 and exact tokens in the
@@ -38,6 +44,10 @@
 // (4 counts, the constants' row) and the fp16 block's source choice: the coded loop above is unchanged.
 // The rescale path (a new running max somewhere in the simdgroup) costs ~45 more, taken rarely after the
 // first keys of a block.
+// RoPE-centred keys (RB > 0) add per step the block index (add, shift), its address (add) and a load of kf
+// for the lane's head, folded into the score by an fma instead of the norm's multiply: +4 per step = +2 per
+// key row (80), plus ~3.3 per key row in tq_rope_bias: ~83 in all (a ring, RPOS: +4 per step to load the
+// slot's position and pick the front tile or the rest).
 // Trellis codes (KL = VL = 10 at KB = VB = 4) read windows instead of codes: per chunk a shuffle and a shift
 // for the previous chunk's bits, 3 to join them, and 19 instead of 15 to cut 8 windows: +9 for K, +9 for V
 // = 174 per step = 87 per key row.
@@ -83,6 +93,7 @@
     const int R = lens[lr * 4 + 2];
     const int E = lens[lr * 4 + 3];
     const int BLK = params[0];
+    const int NF = kf_shape[1];
 
     // 1. codebooks and the GH queries (scaled, base 2) into threadgroup memory
     for (uint i = tid; i < uint(KN); i += ntg) { kcb_tg[i] = kcb[i]; }
@@ -146,6 +157,13 @@
     }
     float m = TQ_NEG_BIG;
     float l = 0.0f;
+    // RoPE-centred keys: this lane's row of kf (its head after the reduce-scatter) and the first block
+    constexpr uint RBX = RB ? RB : 1;
+    const size_t frow = (size_t(bh) * G + min(hg * GH + mine, G - 1)) * NF;
+    const int front = params[2];
+    const uint fsplit = front ? uint(TQ_ROPE_TILE * RBX) : 0u;
+    const uint fshift = uint(front * TQ_ROPE_TILE - params[1]);  // added to t / RB past the front tile
+    const size_t prow = size_t(bh / H) * kpos_shape[2];
 
     // 4. the block's keys: KPI per simdgroup step, simdgroups interleaved
     const int t0 = fpb ? 0 : blk * BLK;
@@ -213,7 +231,9 @@
                 s[0] += simd_shuffle_xor(s[0], ushort(off));
             }
         }
-        const float score = valid ? s[0] * kscale : -INFINITY;
+        const int pos = RPOS ? kpos[prow + tl] : S + tl;
+        const float fmean = (RB && !fpb) ? kf[frow + uint(pos) / RBX + (uint(pos) < fsplit ? 0u : fshift)] : 0.0f;
+        const float score = valid ? fma(s[0], kscale, fmean) : -INFINITY;
         if (simd_any(score > m)) {  // a new running max somewhere: rescale (uniform branch)
             const float mn = max(m, score);
             const float f = fast::exp2(m - mn);

@@ -152,3 +152,28 @@ def test_tiny_sliding_windows_keep_a_sensible_window(max_size, fp_window):
     k, v = _kv(1, 40, 64, seed=9)
     _feed(cache, k, v, [5] + [1] * 30, gqa=1)
     assert cache.size() == max_size and cache.window_size < max_size - 2
+
+
+@pytest.mark.parametrize("weighting", [True, "full"])
+def test_a_cache_trimmed_before_calibration_calibrates_as_if_it_never_saw_the_trimmed_tokens(weighting):
+    """A server's prefix cache: a cached chat (prompt and answer) trimmed back to the shared prefix, then a
+    new prompt, gives the same codecs and codes as a cold cache fed the prefix and the new prompt."""
+    cfg = tq_mlx.resolve_config("k4v4", quant_start=64, keys=tq_mlx.CodecSpec(bits=4, query_weighting=weighting))
+    k, v = _kv(2, 70, 64, seed=5)
+    other_k, other_v = _kv(2, 20, 64, seed=6)
+    q, other_q = (mx.random.normal((1, 6, n, 64), key=mx.random.key(s)) for n, s in ((70, 7), (20, 8)))
+    warm, cold = TurboQuantKVCache(cfg), TurboQuantKVCache(cfg)
+
+    def step(c, k, v, q):
+        c.update_and_fetch(k, v)
+        sdpa(q, None, None, c, 0.125, "causal")
+
+    step(warm, k[:, :, :30], v[:, :, :30], q[:, :, :30])
+    step(warm, other_k, other_v, other_q)  # the cached chat's other tokens
+    assert warm.trim(20) == 20 and not warm.calibrated
+    step(cold, k[:, :, :30], v[:, :, :30], q[:, :, :30])
+    for c in (warm, cold):
+        step(c, k[:, :, 30:], v[:, :, 30:], q[:, :, 30:])
+    assert warm.calibrated and cold.calibrated
+    assert mx.array_equal(warm.k_codec.weight, cold.k_codec.weight)
+    assert mx.array_equal(warm.codes.view()["k_codes0"], cold.codes.view()["k_codes0"])

@@ -248,18 +248,23 @@ def test_token_counts_are_runtime_inputs_not_template_values(monkeypatch):
 
 
 @pytest.mark.model
-def test_smollm2_decode_on_the_kernel_path_matches_the_reference(smol, monkeypatch):
-    """Teacher-forced (no greedy near-ties): a prefill chunk, then one decode step per token.
+@pytest.mark.parametrize("config", ["k8v8", "k8v8-rope"])
+def test_smollm2_decode_on_the_kernel_path_matches_the_reference(smol, config, monkeypatch):
+    """Teacher-forced (no greedy near-ties): a prefill chunk, then one decode step per token (RoPE-centred
+    keys: encoded less their block's turned mean by tq_encode, and past position 16, a second block).
 
     The two paths sum in different orders, and a last-bit difference can move a coordinate across a
     decision edge in a later layer; at 8 bits that moves it by one small step, so the next-token
     distributions agree to a KL far below any real error (a wrong kernel gives KL >> 0.01)."""
     model, tok = smol
     ids = tok.encode("The capital of France is Paris, and the capital of Italy is Rome.")
+    if config.endswith("-rope"):
+        ids += tok.encode(" The capital of Spain is Madrid.")
+        assert len(ids) > 17
 
     def log_probs(mode):
         monkeypatch.setenv("TQ_MLX_ATTENTION", mode)
-        cache = tq_mlx.make_prompt_cache(model, "k8v8", quant_start=0)
+        cache = tq_mlx.make_prompt_cache(model, config, quant_start=0)
         out = [model(mx.array(ids[:6])[None], cache=cache)[0, -1]]
         out += [model(mx.array([[t]]), cache=cache)[0, -1] for t in ids[6:]]
         lp = mx.stack(out).astype(mx.float32)
@@ -276,3 +281,78 @@ def test_smollm2_decode_on_the_kernel_path_matches_the_reference(smol, monkeypat
     assert len(calls) == 30 * (len(ids) - 6)  # every layer's decode step went through the kernel
     kl = mx.sum(mx.exp(ref) * (ref - got), axis=-1)
     assert float(kl.max().item()) < 2e-3, np.array(kl)
+
+
+@pytest.mark.parametrize("config,D,G,split", [("k4v4-rope", 64, 3, False), ("k3v2-rope", 128, 4, True)])
+def test_rope_centred_decode_on_the_kernels_matches_the_reference(config, D, G, split, monkeypatch):
+    """The turned key mean's term per block of 16 positions (tq_rope_bias), read by tq_decode; split-K blocks
+    that do not start on a block of positions; decode steps that cross into a new block."""
+    import mlx.nn as nn
+
+    from tq_mlx.rope_mean import probe, rotate
+
+    if split:
+        monkeypatch.setattr(K, "MIN_BLOCK", 8)
+    H, L = 2, 45
+    rmap = probe(nn.RoPE(D, base=10000.0), D)
+    mu = 3 * mx.random.normal((H, D), key=mx.random.key(D))
+    cache = TurboQuantKVCache(tq_mlx.resolve_config(config, quant_start=32), rope=rmap)
+    k = rotate(rmap, mu, 0, L) + mx.random.normal((1, H, L, D), key=mx.random.key(1))
+    cache.update_and_fetch(k, mx.random.normal((1, H, L, D), key=mx.random.key(2)))
+    attention(cache, mx.random.normal((1, H * G, L, D), key=mx.random.key(3)), D**-0.5, "causal")
+    assert cache.k_codec.kernel_reason() is None and cache.k_codec.rope_block == 16
+    for step in range(4):  # positions 45 .. 48: the last opens block 3
+        _step(cache, H, D, seed=100 * D + step)
+        q = mx.random.normal((1, H * G, 1, D), key=mx.random.key(step))
+        got, ref = _both(cache, q, D**-0.5, None, None, monkeypatch)
+        _close(got, ref, 2e-5)
+    ran = [ok for key, ok in K._VERIFIED.items() if key[1] == "decode" and key[-2] == 16]
+    assert ran and all(ran)  # the kernels served it (no fallback to the reference path)
+
+
+def test_rope_bias_kernel_turns_the_mean_to_block_centres_far_out():
+    """tq_rope_bias against rope_mean.rotate at positions 32000+ (its phasors step 16 blocks from one sincos)."""
+    import mlx.nn as nn
+
+    from tq_mlx.rope_mean import kernel_pairs, probe, rotate
+
+    D, H, G, b0, nb = 64, 2, 3, 2000, 21
+    rmap = probe(nn.RoPE(D, base=10000.0), D)
+    mu = 3 * mx.random.normal((H, D), key=mx.random.key(4))
+    q = mx.random.normal((1, H * G, 1, D), key=mx.random.key(5))
+    with emulated():
+        f = K.rope_bias(q, 0.125, *kernel_pairs(rmap, mu), b0, nb, 16, G)
+        mx.eval(f)
+    means = rotate(rmap, mu, 16 * b0, 16 * nb, 16)[0, :, ::16]  # (H, nb, D): one per block
+    want = 0.125 * 1.4426950408889634 * mx.einsum("hgd,hbd->hgb", q.reshape(H, G, D), means).reshape(H * G, nb)
+    # float32 angles near position 32000 are good to ~2e-3 rad on either side (as the model's own RoPE)
+    assert np.abs(np.array(f) - np.array(want)).max() <= 1e-3 * np.abs(np.array(want)).max()
+
+
+def test_rope_centred_ring_decodes_on_the_kernels_with_the_positions_its_codes_keep(monkeypatch):
+    """A sliding window's ring, wrapped: tq_decode reads each code slot's position (kpos) for its block, from
+    the front tile of kf (the first tokens, kept) or the blocks of the recent ones."""
+    import mlx.nn as nn
+
+    from tq_mlx.rope_mean import probe, rotate
+
+    D, H, G = 64, 2, 2
+    rmap = probe(nn.RoPE(D, base=10000.0), D)
+    mu = 3 * mx.random.normal((H, D), key=mx.random.key(6))
+    cfg = tq_mlx.resolve_config("k4v4-rope", quant_start=64)
+    cache = TurboQuantKVCache(cfg, max_size=96, keep=4, rope=rmap)
+    k = rotate(rmap, mu, 0, 300) + mx.random.normal((1, H, 300, D), key=mx.random.key(7))
+    v = mx.random.normal((1, H, 300, D), key=mx.random.key(8))
+    cache.update_and_fetch(k[:, :, :80], v[:, :, :80])
+    attention(cache, mx.random.normal((1, H * G, 80, D), key=mx.random.key(9)), D**-0.5, "causal")
+    for t in range(80, 300):  # the ring wraps twice; its front tokens and ones past position 256 stay
+        cache.update_and_fetch(k[:, :, t : t + 1], v[:, :, t : t + 1])
+        q = mx.random.normal((1, H * G, 1, D), key=mx.random.key(t))
+        if t < 296:
+            attention(cache, q, D**-0.5)
+        else:
+            got, ref = _both(cache, q, D**-0.5, None, None, monkeypatch)
+            _close(got, ref, 2e-5)
+    assert "pos" in cache.code_buffers().k
+    ran = [ok for key, ok in K._VERIFIED.items() if key[1] == "decode" and key[-2] == 16 and key[-1]]
+    assert ran and all(ran)

@@ -383,8 +383,7 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
             first = self.offset - L  # position of this call's first query
             take = L if Q == 0 else max(0, min(L, Q - first))
             if take:
-                q = queries.reshape(*queries.shape[:2], -1, L, queries.shape[3])[:, :, :, :take]
-                self.qstats.add(q.reshape(*q.shape[:2], -1, q.shape[4]))
+                self.qstats.add(queries.reshape(*queries.shape[:2], -1, L, queries.shape[3])[:, :, :, :take], first)
         if self.held() >= max(Q, 1):
             self._calibrate(self.held() if Q == 0 else Q)
 
@@ -468,8 +467,9 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
         return self.max_size is None or self.offset < self.max_size
 
     def trim(self, n: int) -> int:
-        """Forget the newest n tokens.  Trimming below `calibration_length` keeps the codecs (and the codes
-        of the tokens left): the cache then differs from one that never saw the trimmed tokens."""
+        """Forget the newest n tokens (and, before calibration, their queries).  Trimming below
+        `calibration_length` keeps the codecs (and the codes of the tokens left): the cache then differs
+        from one that never saw the trimmed tokens."""
         n = min(self.offset, n, self.held())
         left = n
         for st in (self.window, self.codes, self.sink, self.exact):
@@ -479,6 +479,8 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
             self.encoded -= d if st is self.codes else 0
         self.offset -= n
         self.pending = False
+        if self.qstats is not None:  # the trimmed tokens' queries go too: calibration as if never seen
+            self.qstats.truncate(self.offset)
         return n
 
     def make_mask(self, N: int, return_array: bool = False, window_size=None):

@@ -20,49 +20,104 @@ PRIOR_TOKENS = 8  # calibration statistics shrink toward "no change" as if from 
 
 
 class QueryStats:
-    """Second moments of the queries seen at the calibration positions, per KV head.
+    """Second moments of the queries seen at the calibration positions, per KV head, kept per position.
 
-    Accumulated over attention calls (a prefill may come in chunks), so the key codec can be
-    built from the queries of exactly the first calibration tokens.  `full` also keeps the
-    d x d moment (the whitening option)."""
+    Accumulated over attention calls (a prefill may come in chunks), so the key codec can be built from
+    the queries of exactly the first calibration tokens; kept per position, so that trimming the cache
+    drops the trimmed tokens' queries too (a cache trimmed back to a prefix then calibrates as one that
+    only saw the prefix: a server's prefix cache).  `full` also keeps the queries themselves, for the
+    d x d moment (the whitening option).  A position that got no queries counts none."""
 
     def __init__(self, n_heads: int, d: int, full: bool = False):
-        self.n = 0
-        self.sq = mx.zeros((n_heads, d), mx.float32)
-        self.outer = mx.zeros((n_heads, d, d), mx.float32) if full else None
+        self.rows = mx.zeros((0, n_heads, d), mx.float32)  # per position: sum of q^2 over its queries
+        self.counts = []  # per position: how many queries
+        self.raw = mx.zeros((0, n_heads, 0, d), mx.float32) if full else None  # (P, H, queries, d)
+        self.base = None  # (sq, n, outer) of a state saved before per-position statistics: not split by trims
 
     @classmethod
     def of(cls, q: mx.array, full: bool = False) -> "QueryStats":
-        """Statistics of queries q (B, H, M, d)."""
+        """Statistics of queries q (B, H, L, d), one per position."""
         qs = cls(q.shape[1], q.shape[3], full)
-        qs.add(q)
+        qs.add(q[:, :, None])
         return qs
 
-    def add(self, q: mx.array):
-        """q (B, H, M, d): queries grouped per KV head."""
+    @property
+    def positions(self) -> int:
+        return len(self.counts)
+
+    @property
+    def n(self) -> int:
+        return sum(self.counts) + (0 if self.base is None else self.base[1])
+
+    @property
+    def sq(self) -> mx.array:
+        s = self.rows.sum(axis=0)
+        return s if self.base is None else s + self.base[0]
+
+    @property
+    def outer(self):
+        if self.raw is None:
+            return None
+        P, H, M, d = self.raw.shape
+        qh = mx.swapaxes(self.raw, 0, 1).reshape(H, P * M, d)
+        out = mx.swapaxes(qh, -1, -2) @ qh
+        return out if self.base is None or self.base[2] is None else out + self.base[2]
+
+    def add(self, q: mx.array, first: int = None):
+        """q (B, H, G, L, d): the G queries per KV head of L positions from `first` (default: the next one);
+        positions from `first` on that were recorded before are replaced."""
+        first = self.positions if first is None else first
+        self.truncate(first)
+        B, H, G, L, d = q.shape
         q = q.astype(mx.float32)
-        self.n += q.shape[0] * q.shape[2]
-        self.sq = self.sq + (q * q).sum(axis=(0, 2))
-        if self.outer is not None:
-            qh = mx.swapaxes(q, 0, 1).reshape(q.shape[1], -1, q.shape[3])
-            self.outer = self.outer + mx.swapaxes(qh, -1, -2) @ qh
+        gap = first - self.positions  # positions that got no queries
+        rows = mx.swapaxes((q * q).sum(axis=(0, 2)), 0, 1)  # (L, H, d)
+        self.rows = mx.concatenate([self.rows, mx.zeros((gap, H, d)), rows])
+        self.counts += [0] * gap + [B * G] * L
+        if self.raw is not None:
+            raw = q.transpose(3, 1, 0, 2, 4).reshape(L, H, B * G, d)
+            old = self.raw if self.raw.shape[2] == B * G or self.raw.shape[0] == 0 else None
+            if old is None:
+                raise ValueError(f"queries per position changed from {self.raw.shape[2]} to {B * G}")
+            self.raw = mx.concatenate([old.reshape(-1, H, B * G, d), mx.zeros((gap, H, B * G, d)), raw])
+
+    def truncate(self, positions: int):
+        """Forget the queries of positions from `positions` on."""
+        if positions < self.positions:
+            self.rows, self.counts = self.rows[:positions], self.counts[:positions]
+            self.raw = None if self.raw is None else self.raw[:positions]
 
     def mean_sq(self) -> mx.array:
         return self.sq / max(self.n, 1)
 
     def state(self) -> dict:
-        out = {"sq": self.sq, "n": mx.array(self.n)}
-        return out if self.outer is None else {**out, "outer": self.outer}
+        out = {"rows": self.rows, "counts": mx.array(self.counts, mx.int32)}
+        if self.base is not None:
+            out.update({"sq": self.base[0], "n": mx.array(self.base[1])})
+            out.update({} if self.base[2] is None else {"outer": self.base[2]})
+        return out if self.raw is None else {**out, "raw": self.raw}
 
     def copy(self) -> "QueryStats":
         new = QueryStats.__new__(QueryStats)
-        new.n, new.sq, new.outer = self.n, self.sq, self.outer  # arrays are immutable: sharing is a copy
+        new.__dict__.update(self.__dict__)  # arrays are immutable: sharing is a copy
+        new.counts = list(self.counts)
         return new
 
     @classmethod
     def from_state(cls, st: dict) -> "QueryStats":
+        """The statistics saved by `state()`; a state saved before per-position statistics ("sq", "n",
+        "outer") is kept whole, as `base`."""
         qs = cls.__new__(cls)
-        qs.sq, qs.n, qs.outer = st["sq"], int(st["n"].item()), st.get("outer")
+        rows = st.get("rows")
+        if rows is None:  # before per-position statistics
+            sq = st["sq"]
+            rows = mx.zeros((0, *sq.shape), mx.float32)
+        qs.rows, qs.counts = rows, [int(c) for c in np.array(st.get("counts", mx.zeros((0,), mx.int32)))]
+        if len(qs.counts) != rows.shape[0]:
+            raise ValueError(f"query statistics for {rows.shape[0]} positions but {len(qs.counts)} counts")
+        full = "raw" in st or "outer" in st
+        qs.raw = st.get("raw", mx.zeros((0, *rows.shape[1:2], 0, rows.shape[2]), mx.float32) if full else None)
+        qs.base = (st["sq"], int(st["n"].item()), st.get("outer")) if "sq" in st else None
         return qs
 
 

@@ -19,7 +19,7 @@ from .calibration import channel_mean, outlier_channels, query_weights, query_wh
 from .config import CacheConfig, CodecSpec
 from .fp16_codec import FP16
 from .hqmq import HQMQ
-from .rope_mean import RopeMap, fit_mean, rotate
+from .rope_mean import BLOCK, RopeMap, fit_mean, rotate
 from .turboquant import TurboQuant
 
 
@@ -63,17 +63,18 @@ def _hqmq(spec, cfg, d, n_heads, layer, part, calib, use_kernels, batch, head_of
 
 
 def _rope_centring(spec, part, calib, batch):
-    """(RopeMap, mu (H, d)) for RoPE-aware key centring (center="rope"), from the saved state or fitted to
-    calib.x; None where it does not apply (values, batch rows, no known RoPE): the static mean then."""
+    """(RopeMap, mu (H, d), block) for RoPE-aware key centring (center="rope"), from the saved state (block 1,
+    exact, in states saved before blocks) or fitted to calib.x; None where it does not apply (values, batch
+    rows, no known RoPE): the static mean then."""
     if part != "k" or spec.center != "rope" or batch:
         return None
     st = calib.state or {}
     if "rope_mean" in st:
-        rmap = RopeMap.from_state({k[5:]: v for k, v in st.items() if k.startswith("rope_") and k != "rope_mean"})
-        return rmap, st["rope_mean"]
+        rmap = RopeMap.from_state({k[5:]: v for k, v in st.items() if k[5:] in RopeMap._fields and k[:5] == "rope_"})
+        return rmap, st["rope_mean"], int(st["rope_block"].item()) if "rope_block" in st else 1
     if st or calib.rope is None or calib.x is None:
         return None
-    return calib.rope, fit_mean(calib.rope, calib.x)
+    return calib.rope, fit_mean(calib.rope, calib.x, block=BLOCK), BLOCK
 
 
 def _turboquant(spec, cfg, d, n_heads, layer, part, calib, use_kernels, batch, head_offset):
@@ -88,7 +89,7 @@ def _turboquant(spec, cfg, d, n_heads, layer, part, calib, use_kernels, batch, h
                 return None
             if rope is None:
                 return fn(calib.x, calib.queries, mean)
-            return fn(calib.x - rotate(rope[0], rope[1], 0, calib.x.shape[2]), calib.queries)
+            return fn(calib.x - rotate(rope[0], rope[1], 0, calib.x.shape[2], rope[2]), calib.queries)
 
         weight = calib.get("weight", learn)
     common = dict(

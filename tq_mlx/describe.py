@@ -6,6 +6,7 @@ from collections import Counter
 import mlx.core as mx
 from mlx_lm.models import cache as mlx_cache
 
+from . import rope_mean
 from .cache import TurboQuantKVCache
 
 UNTAKEN = ("affine-quantized", "concatenating")  # attention caches TurboQuant leaves to mlx-lm
@@ -30,7 +31,11 @@ def _kind(c) -> tuple[str, bool]:
         )
         if c.config.keys.center == "rope":  # say where RoPE-aware centring does not apply
             rope = c.rope is not None and c.chunk_size is None
-            how += ", keys centred before RoPE" if rope else ", static key mean (no RoPE map for this layer)"
+            blk = c.k_codec.rope_block if getattr(c.k_codec, "rope_mean", None) is not None else rope_mean.BLOCK
+            turned = f"mean turned per {blk} positions" if blk > 1 else "mean turned to every position"
+            how += (
+                f", keys centred before RoPE ({turned})" if rope else ", static key mean (no RoPE map for this layer)"
+            )
         return f"{kind}, TurboQuant {c.config.name} ({how})", True
     if isinstance(c, mlx_cache.CacheList):
         parts = [_kind(m) for m in c.caches]

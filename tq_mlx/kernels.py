@@ -12,6 +12,8 @@ Kernels:
   plus one block for the fp16 tokens (sinks, window) and exact ones; the query is rotated inside.  Each
   batch row has its own token counts (and, in a batch cache, its own codec constants).
 - tq_merge: combines the partials, adds the value mean, rotates back, normalises: the output.
+- tq_rope_bias: RoPE-centred keys: the turned key mean's score term per query row and block of positions,
+  which tq_decode adds (one launch before it).
 - tq_dequant: codes -> n * c[idx] in the stored domain (prefill).
 - tq_viterbi: raw vectors -> centred, weighted, rotated, trellis-coded (the tail-biting Viterbi search of
   trellis.search), packed symbols + norms: tq_encode for the trellis presets.
@@ -43,16 +45,17 @@ _SOURCES = {}
 _KERNELS = {}
 _VERIFIED = {}  # instantiation key -> True (ran) / False (failed: reference path)
 _TRUSTED = []  # non-empty inside trusted(): launch without the first-use check (graph tracing)
-_NO_SINKS = {}  # the placeholder sinks input, made once
+_NO_SINKS = {}  # placeholder inputs (no sinks, no RoPE term), made once
 
 _SPECS = {
     "tq_encode": (["x", "mean", "map", "levels", "edges", "params"], ["codes", "norm"]),
     "tq_decode": (
         ["q", "scale", "qmap", "kmr", "kc", "kn", "vc", "vn", "kcb", "vcb", "sk", "sv", "wk", "wv", "ek", "ev", "lens"]
-        + ["params"],
+        + ["kf", "kpos", "params"],
         ["po", "pm", "pl"],
     ),
     "tq_merge": (["po", "pm", "pl", "vmr", "omap", "sinks", "params"], ["out"]),
+    "tq_rope_bias": (["q", "scale", "ra", "rp", "rang", "params"], ["f"]),
     "tq_dequant": (["codes", "norm", "cb", "params"], ["y"]),
     "tq_viterbi": (["x", "mean", "map", "tbl", "params"], ["codes", "norm"]),
 }
@@ -223,14 +226,60 @@ def viterbi_encode(x, mean, tmap, table, bits: int, norm_dtype=mx.float16, norm_
     return _encode_rows("tq_viterbi", x, [mean, tmap, table], bits, rot, norm_dtype, norm_correction, (64, 1, 1))
 
 
+ROPE_TILE = 16  # tq_rope_bias's blocks per threadgroup (TQ_ROPE_TILE)
+
+
+def rope_bias(q, scale, ra, rp, rang, b0: int, nb: int, block: int, G: int, front: bool = False):
+    """tq_rope_bias: q (B, H*G, 1, D) raw; ra (CH, NP, 2), rp int32 (NP, 2), rang (NP,): the key mean in pairs
+    (rope_mean.kernel_pairs); the term of blocks b0 .. b0 + nb - 1 of `block` positions, after blocks
+    0 .. ROPE_TILE - 1 when `front` (a ring that keeps its first tokens): f (B*H*G, nb (+ ROPE_TILE)) float32."""
+    B, D = q.shape[0], q.shape[-1]
+    H = q.shape[1] // G
+    nb += ROPE_TILE * front
+    (f,) = kernel("tq_rope_bias")(
+        inputs=[q, float(scale), ra, rp, rang, _params(b0, nb, int(front))],
+        template=[("QT", q.dtype), ("D", D), ("G", G), ("NP", rp.shape[0]), ("RB", block)],
+        grid=(256, B * H, -(-nb // 16)),
+        threadgroup=(256, 1, 1),
+        output_shapes=[(B * H * G, nb)],
+        output_dtypes=[mx.float32],
+    )
+    return f
+
+
 def decode_partials(
-    q, scale, qmap, kmr, kc, kn, vc, vn, kcb, vcb, sk, sv, wk, wv, ek, ev, lens, T, G, block=None, kfmt=None, vfmt=None
+    q,
+    scale,
+    qmap,
+    kmr,
+    kc,
+    kn,
+    vc,
+    vn,
+    kcb,
+    vcb,
+    sk,
+    sv,
+    wk,
+    wv,
+    ek,
+    ev,
+    lens,
+    T,
+    G,
+    block=None,
+    kfmt=None,
+    vfmt=None,
+    rope=None,
 ):
     """tq_decode.  q (B, H*G, 1, D) raw; the code buffers hold at most T tokens per batch row (full capacity,
     (B, H, cap, ...)); sk/sv (B, H, SC, D) and wk/wv (B, H, RC, D) fp16 sink and window tokens, ek/ev
     (B, H, EC, D) exact tokens; lens int32 (B or 1, 4): each row's [coded, sink, window, exact] counts.
     qmap, kmr: (H or B*H, D(, D)) constants (see tq_decode.metal); kfmt / vfmt: (code bits, trellis window
-    bits) when kcb / vcb are trellis tables.
+    bits) when kcb / vcb are trellis tables.  rope (RoPE-centred keys): (kf, block, fb0, kpos, front), kf
+    (B*H*G, NF) the turned mean's term per block of `block` positions (rope_bias) from block fb0 on (after
+    a front tile if `front`), kpos (B, 1, cap) int32 each code slot's position (a ring; None: slot t is
+    at position (sinks) + t).
     Returns po (B*H*G, NB+1, D), pm, pl (B*H*G, NB+1) float32."""
     (kb, kl), (vb, vl) = _format(kcb, kfmt), _format(vcb, vfmt)
     B, H = kn.shape[:2]
@@ -239,8 +288,10 @@ def decode_partials(
     HG = -(-G // GH)
     blk, nb = num_blocks(T, B * H * HG, block)
     rows = B * H * G
+    kf, rope_block, fb0, kpos, front = rope or (None, 0, 0, None, False)
     return kernel("tq_decode")(
-        inputs=[q, float(scale), qmap, kmr, kc, kn, vc, vn, kcb, vcb, sk, sv, wk, wv, ek, ev, lens, _params(blk)],
+        inputs=[q, float(scale), qmap, kmr, kc, kn, vc, vn, kcb, vcb, sk, sv, wk, wv, ek, ev, lens]
+        + [_no_bias() if kf is None else kf, _no_pos() if kpos is None else kpos, _params(blk, fb0, int(front))],
         template=[
             ("QT", q.dtype),
             ("NT", kn.dtype),
@@ -252,12 +303,32 @@ def decode_partials(
             ("G", G),
             ("GH", GH),
             ("ROT", int(qmap.ndim == 3)),
+            ("RB", int(rope_block) if kf is not None else 0),
+            ("RPOS", int(kf is not None and kpos is not None)),
         ],
         grid=(32 * NSG, B * H * HG, nb + 1),
         threadgroup=(32 * NSG, 1, 1),
         output_shapes=[(rows, nb + 1, D), (rows, nb + 1), (rows, nb + 1)],
         output_dtypes=[mx.float32, mx.float32, mx.float32],
     )
+
+
+def _no_bias() -> mx.array:
+    """The placeholder kf input of tq_decode without RoPE-centred keys, made once."""
+    z = _NO_SINKS.get("kf")
+    if z is None:
+        z = _NO_SINKS["kf"] = mx.zeros((1, 1))
+        mx.eval(z)
+    return z
+
+
+def _no_pos() -> mx.array:
+    """The placeholder kpos input of tq_decode (code slots in position order), made once."""
+    z = _NO_SINKS.get("kpos")
+    if z is None:
+        z = _NO_SINKS["kpos"] = mx.zeros((1, 1, 1), mx.int32)
+        mx.eval(z)
+    return z
 
 
 def merge(po, pm, pl, vmr, omap, sinks, G, out_dtype):

@@ -17,6 +17,7 @@ import mlx.core as mx
 from . import kernels as K
 from .fp16_codec import FP_KEY
 from .reference_attention import stored_domain_attention, stored_dtype
+from .rope_mean import AtPositions, at
 
 _PLACEHOLDERS = {}
 
@@ -49,20 +50,39 @@ def kernel_decode(cache, queries, scale, sinks=None):
     z = _placeholder((B, H, 1, D))
     lens = mx.array([[buf.length, S, R, 0]], mx.int32)
     fp = ((sk, sv), (wk, wv), (z, z))
-    return decode_on_kernels(queries, scale, sinks, cache.k_codec, cache.v_codec, buf, fp, lens, buf.length)
+    first = max(S + cache.encoded - buf.length, 0)  # the codes' first position (a ring's: its oldest but the front)
+    return decode_on_kernels(queries, scale, sinks, cache.k_codec, cache.v_codec, buf, fp, lens, buf.length, first)
 
 
-def decode_on_kernels(queries, scale, sinks, ck, cv, buf, fp, lens, T):
-    """tq_decode + tq_merge: queries (B, Hq, 1, D) against the codes in `buf` (CodeBuffers: full buffers), the
-    fp tokens fp = ((sink k, v), (window k, v), (exact k, v)) (B, H, capacity, D) and per-row counts lens
-    (B or 1, 4) [coded, sink, window, exact]; T: the most coded tokens of any row.  ck, cv: codecs whose
-    constants are per head or per batch row.  (B, Hq, 1, D) in queries.dtype, or None (kernel unusable)."""
+def _rope_term(ck, queries, scale, G, first, T, front):
+    """RoPE-centred keys: tq_rope_bias's term for the blocks of positions first .. first + T - 1 (after the
+    first ROPE_TILE blocks if `front`, a ring whose codes keep the first tokens), as (kf, block, first
+    block); else (None, 0, 0)."""
+    pairs = ck.kernel_pairs()
+    if pairs is None:
+        return None, 0, 0
+    blk = ck.rope_block
+    last = (first + T - 1) // blk
+    b0 = max(first // blk, K.ROPE_TILE) if front else first // blk
+    nb = max(last - b0 + 1, 0)
+    return K.rope_bias(queries, scale, *pairs, b0, nb, blk, G, front), blk, b0
+
+
+def decode_on_kernels(queries, scale, sinks, ck, cv, buf, fp, lens, T, first=0):
+    """tq_rope_bias (RoPE-centred keys) + tq_decode + tq_merge: queries (B, Hq, 1, D) against the codes in `buf`
+    (CodeBuffers: full buffers), the fp tokens fp = ((sink k, v), (window k, v), (exact k, v)) (B, H, capacity,
+    D) and per-row counts lens (B or 1, 4) [coded, sink, window, exact]; T: the most coded tokens of any row;
+    first: RoPE-centred keys: the codes' first position (each code slot's is buf.k["pos"] in a ring, else
+    the sinks' count + the slot).  ck, cv: codecs whose constants are per head or per batch row.
+    (B, Hq, 1, D) in queries.dtype, or None (kernel unusable)."""
     B, Hq, _, D = queries.shape
     G = Hq // buf.k["norm0"].shape[1]
     qmap, omap = ck.kernel_map("query"), cv.kernel_map("output")
     (sk, sv), (wk, wv), (ek, ev) = fp
 
     def run():
+        front = "pos" in buf.k
+        kf, rope_block, fb0 = _rope_term(ck, queries, scale, G, first, T, front)
         po, pm, pl = K.decode_partials(
             queries,
             scale,
@@ -85,6 +105,7 @@ def decode_on_kernels(queries, scale, sinks, ck, cv, buf, fp, lens, T):
             G,
             kfmt=ck.kernel_format,
             vfmt=cv.kernel_format,
+            rope=None if kf is None else (kf, rope_block, fb0, buf.k.get("pos"), front),
         )
         return K.merge(po, pm, pl, cv.kernel_mean_rot, omap, sinks, G, queries.dtype)
 
@@ -99,6 +120,8 @@ def decode_on_kernels(queries, scale, sinks, ck, cv, buf, fp, lens, T):
         G,
         qmap.ndim,
         sinks is not None,
+        ck.rope_block if ck.kernel_pairs() is not None else 0,
+        "pos" in buf.k,
     )
     out = K.guarded(key, run)
     return None if out is None else out.reshape(B, Hq, 1, D)
@@ -113,11 +136,16 @@ def kernel_prefill(cache, queries, scale, mask=None, sinks=None):
 
     def dequant():
         out = []
-        for codec, enc in ((ck, buf.k), (cv, buf.v)):
+        for codec, enc in ((at(ck, cache.sink.length), buf.k), (cv, buf.v)):
             y = K.dequantize(
                 enc["codes0"], enc["norm0"], codec.levels, buf.length, codec.d, dtype, fmt=codec.kernel_format
             )
-            out.append(y if codec.mean_rot is None else (y.astype(mx.float32) + codec.mean_rot).astype(dtype))
+            if codec.mean_rot is not None:
+                y = (y.astype(mx.float32) + codec.mean_rot).astype(dtype)
+            if isinstance(codec, AtPositions):  # RoPE-centred keys: the turned mean, by MLX ops (prefill)
+                pos = {"pos": enc["pos"][:, :, : buf.length]} if "pos" in enc else {}
+                y = (y.astype(mx.float32) + codec.turned(pos, buf.length)).astype(dtype)
+            out.append(y)
         return out
 
     key = ("dequant", dtype, buf.k["norm0"].dtype, dk, ck.kernel_format, cv.kernel_format)

@@ -24,6 +24,7 @@ from . import kernels
 from .affine_segment import AffineSegment
 from .codec import NORM_DTYPES
 from .packing import pack, packed_words, unpack
+from .rope_mean import kernel_pairs
 from .rotation import HeadRotation, derive_seed, rotation_matrix
 from .trellis import ENCODE_BLOCK, TrellisSegment
 
@@ -158,8 +159,9 @@ class TurboQuant:
     head_offset: the global index of head 0 (a tensor-parallel rank holds heads
     head_offset .. head_offset + n_heads - 1): every per-head seed derives from the global index.
     use_kernels: encode through the tq_encode (tq_viterbi for trellis codes) Metal kernel where it applies.
-    rope: optional (RopeMap, mu (H, d)): RoPE-aware centring of keys (rope_mean.py) instead of `mean`; the
-    codes then depend on positions, so only `rope_mean.at(codec, start)` encodes and reads them.
+    rope: optional (RopeMap, mu (H, d), block): RoPE-aware centring of keys (rope_mean.py) instead of `mean`,
+    the mean turned to the centre of each block of `block` positions; the codes then depend on positions,
+    so only `rope_mean.at(codec, start)` encodes and reads them.
     Research options (not in CodecSpec): qjl_kind, norm_dtype, norm_correction.
     """
 
@@ -228,7 +230,9 @@ class TurboQuant:
         self.mean = None if mean is None else mx.array(mean).astype(mx.float32)
         if rope is not None and (mean is not None or batch):
             raise ValueError("RoPE-aware centring replaces the static mean and is not built for batch rows")
-        self.rope_map, self.rope_mean = (None, None) if rope is None else (rope[0], mx.array(rope[1], mx.float32))
+        self.rope_map, self.rope_mean, self.rope_block = (
+            (None, None, 1) if rope is None else (rope[0], mx.array(rope[1], mx.float32), int(rope[2]))
+        )
         self.weight = None if weight is None else mx.array(weight).astype(mx.float32)
         self.full_weight = self.weight is not None and self.weight.ndim == 3 + bool(batch)
         self._winv = None
@@ -292,6 +296,7 @@ class TurboQuant:
         out = out if self.mean is None else {**out, "mean": self.mean}
         if self.rope_mean is not None:
             out.update({"rope_mean": self.rope_mean, **{f"rope_{k}": v for k, v in self.rope_map.state().items()}})
+            out["rope_block"] = mx.array(self.rope_block, mx.int32)
         return out if self.weight is None else {**out, "weight": self.weight}
 
     # ---- what the Metal kernels read ---------------------------------------
@@ -305,11 +310,22 @@ class TurboQuant:
             return "the uniform grid (MLX's quantized kernels serve it)"
         if seg.qjl:
             return "QJL"
-        if self.rope_mean is not None:
-            return "RoPE-centred keys (the kernels add a static mean only)"
+        if self.rope_mean is not None and self.rope_block == 1:
+            return "RoPE-centred keys turned to every position (saved before blocks; the kernels add a term per block)"
+        if self.rope_mean is not None and self.kernel_pairs() is None:
+            return "RoPE-centred keys whose rotary map is not in pairs"
         if self.d not in kernels.SUPPORTED_D:
             return f"head_dim {self.d} not in {kernels.SUPPORTED_D}"
         return None
+
+    def kernel_pairs(self):
+        """RoPE-centred keys: the mean as tq_rope_bias reads it (rope_mean.kernel_pairs), made once; else None."""
+        if self.rope_mean is None:
+            return None
+        if not hasattr(self, "_pairs"):
+            self._pairs = kernel_pairs(self.rope_map, self.rope_mean)
+            mx.eval(self._pairs)
+        return self._pairs
 
     def kernel_encodes(self) -> bool:
         """Whether a kernel writes these codes: tq_encode (Lloyd-Max) or tq_viterbi (trellis codes)."""
@@ -363,19 +379,19 @@ class TurboQuant:
             raise ValueError("RoPE-centred codes depend on positions: encode through rope_mean.at(codec, start)")
         return self.encode_centred(x)
 
-    def encode_centred(self, x: mx.array) -> dict:
-        """encode, for x (B, H, T, d) whose position-dependent mean (if any) the caller has taken off."""
+    def encode_centred(self, x: mx.array, mean: mx.array = None) -> dict:
+        """encode, for x (B, H, T, d) whose position-dependent mean (if any) the caller has taken off, or
+        gives as `mean` (H, d) to take off first."""
         if self.kernel_encode:
             seg, tmap = self.segments[0], self.kernel_map("encode")
+            kmean = self.kernel_mean if mean is None else self._rows(mean)
 
             def run():
                 if seg.window:  # trellis codes: the Viterbi search
                     return kernels.viterbi_encode(
-                        x, self.kernel_mean, tmap, seg.table, seg.bits, self.norm_dtype, seg.norm_correction
+                        x, kmean, tmap, seg.table, seg.bits, self.norm_dtype, seg.norm_correction
                     )
-                return kernels.encode(
-                    x, self.kernel_mean, tmap, seg.levels, seg.edges, self.norm_dtype, seg.norm_correction
-                )
+                return kernels.encode(x, kmean, tmap, seg.levels, seg.edges, self.norm_dtype, seg.norm_correction)
 
             kind = "viterbi" if seg.window else "encode"
             key = (kind, x.dtype, self.norm_dtype, self.d, seg.mse_bits, tmap.ndim, seg.norm_correction)
@@ -384,8 +400,8 @@ class TurboQuant:
                 return {"codes0": out[0], "norm0": out[1]}
             self.kernel_encode = False  # this instantiation failed: MLX ops from now on
         x = x.astype(mx.float32)
-        if self.mean is not None:
-            x = x - self._per_head(self.mean)
+        for m in (self.mean, mean):
+            x = x if m is None else x - self._per_head(m)
         y = self.to_stored(x)
         enc = {}
         for i, (seg, ys) in enumerate(zip(self.segments, self._split(y))):
