@@ -106,3 +106,32 @@ def test_nan_from_a_decode_step_is_reported_at_the_next_prefill_and_save():
         _ = cache.state
     cache.trim(1)
     cache.check_finite()  # trimming the bad token back out makes the cache usable again
+
+
+@pytest.mark.parametrize("new_block", [False, True])
+def test_rope_centred_decode_step_has_no_host_sync_and_one_more_kernel(new_block):
+    """-rope: tq_rope_bias before tq_decode.  The block's turned mean, which tq_encode takes off, is made
+    on the host once per 16 positions (the step that opens a block) and kept for the others: no launch."""
+    import mlx.nn as nn
+
+    from tq_mlx.rope_mean import probe
+
+    H, D, T = 2, 128, 300
+    cfg = tq_mlx.resolve_config("k4v4-rope", quant_start=0)
+    c = tq_mlx.TurboQuantKVCache(cfg, rope=probe(nn.RoPE(D), D))
+    k = mx.random.normal((1, H, T, D), key=mx.random.key(1)).astype(mx.float16)
+    os.environ["TQ_MLX_ATTENTION"] = "metal"
+    try:
+        with emulated(check_races=False):
+            c.update_and_fetch(k, k)
+            mx.eval(attention(c, mx.random.normal((1, 4 * H, T, D)).astype(mx.float16), D**-0.5, "causal"))
+            for _ in range(4 if new_block else 3):  # positions 300 ..: the traced step is 304 (a new block) or 303
+                c.update_and_fetch(k[:, :, :1], k[:, :, :1])
+                mx.eval(attention(c, mx.random.normal((1, 4 * H, 1, D)).astype(mx.float16), D**-0.5))
+    finally:
+        os.environ.pop("TQ_MLX_ATTENTION")
+    assert c.k_codec.kernel_encode and c.offset == (304 if new_block else 303)
+    launches, _ = trace_step(c, *_step_inputs(H, D), D**-0.5, "metal")
+    assert launches["CustomKernel"] == 5  # tq_encode for K and V, tq_rope_bias, tq_decode, tq_merge
+    extra = sum(launches.values()) - fp_cache_launches(c.size())
+    assert extra <= LAUNCH_BUDGET, launches

@@ -141,13 +141,23 @@ def kernel_pairs(rmap: RopeMap, mu: mx.array):
     return ra.astype(mx.float32), mx.array(rp), mx.array(angle[rp[:, 0]].astype(np.float32))
 
 
+def host_mean(rmap: RopeMap, mu: mx.array):
+    """(a = s * mu (H, d), partner, angle) as numpy copies: what `turned_mean` turns on the host."""
+    return np.array(rmap.scale * mu, np.float32), np.array(rmap.partner), np.array(rmap.angle, np.float32)
+
+
 def turned_mean(codec, position: int) -> mx.array:
-    """R_c mu for one position (H, d) float32, kept on the codec for its block (a decode step re-uses it)."""
-    key = position // codec.rope_block
+    """R_c mu for one position (H, d) float32, kept on the codec for its block (a decode step re-uses it).
+    Made on the host from the codec's `host_mean`, so a decode step that opens a block adds no launch and
+    no sync."""
+    blk = codec.rope_block
+    key = position // blk
     memo = getattr(codec, "_turned", None)
     if memo is None or memo[0] != key:
-        m = rotate(codec.rope_map, codec.rope_mean, position, 1, codec.rope_block)[0, :, 0]
-        memo = codec._turned = (key, m)
+        a, partner, angle = codec.host_mean
+        phase = np.float32(position if blk == 1 else key * blk + (blk - 1) / 2) * angle
+        m = a * np.cos(phase) + a[:, partner] * np.sin(phase[partner])
+        memo = codec._turned = (key, mx.array(m.astype(np.float32)))
     return memo[1]
 
 

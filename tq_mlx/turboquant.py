@@ -24,7 +24,7 @@ from . import kernels
 from .affine_segment import AffineSegment
 from .codec import NORM_DTYPES
 from .packing import pack, packed_words, unpack
-from .rope_mean import kernel_pairs
+from .rope_mean import host_mean, kernel_pairs
 from .rotation import HeadRotation, derive_seed, rotation_matrix
 from .trellis import ENCODE_BLOCK, TrellisSegment
 
@@ -233,6 +233,9 @@ class TurboQuant:
         self.rope_map, self.rope_mean, self.rope_block = (
             (None, None, 1) if rope is None else (rope[0], mx.array(rope[1], mx.float32), int(rope[2]))
         )
+        # RoPE-centred keys: the mean as the kernels read it and a host copy (decode steps need no sync)
+        self._pairs = None if rope is None else kernel_pairs(self.rope_map, self.rope_mean)
+        self.host_mean = None if rope is None else host_mean(self.rope_map, self.rope_mean)
         self.weight = None if weight is None else mx.array(weight).astype(mx.float32)
         self.full_weight = self.weight is not None and self.weight.ndim == 3 + bool(batch)
         self._winv = None
@@ -272,7 +275,7 @@ class TurboQuant:
         extra = 0 if self.mean is None else self.mean.nbytes + self.mean_rot.nbytes
         extra += 0 if self.weight is None else self.weight.nbytes * (1 + (self._winv is not None))
         if self.rope_mean is not None:
-            extra += self.rope_mean.nbytes + sum(a.nbytes for a in self.rope_map)
+            extra += self.rope_mean.nbytes + sum(a.nbytes for a in (*self.rope_map, *(self._pairs or ())))
         return extra + self.rotation.nbytes + sum(s.side_nbytes for s in self.segments)
 
     @property
@@ -284,6 +287,7 @@ class TurboQuant:
         """Every array the codec holds."""
         out = [a for a in (self.mean, self.mean_rot, self.weight, self._winv, self.rope_mean) if a is not None]
         out += [] if self.rope_map is None else list(self.rope_map)
+        out += list(self._pairs or ())
         out += [self.kernel_mean, self.kernel_mean_rot]
         out += [data for _, data in self.rotation.blocks]
         out += [a for a in (self.rotation.perm, self.rotation.inv_perm) if a is not None]
@@ -319,12 +323,7 @@ class TurboQuant:
         return None
 
     def kernel_pairs(self):
-        """RoPE-centred keys: the mean as tq_rope_bias reads it (rope_mean.kernel_pairs), made once; else None."""
-        if self.rope_mean is None:
-            return None
-        if not hasattr(self, "_pairs"):
-            self._pairs = kernel_pairs(self.rope_map, self.rope_mean)
-            mx.eval(self._pairs)
+        """RoPE-centred keys: the mean as tq_rope_bias reads it (rope_mean.kernel_pairs); else None."""
         return self._pairs
 
     def kernel_encodes(self) -> bool:
