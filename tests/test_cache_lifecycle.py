@@ -177,3 +177,33 @@ def test_a_cache_trimmed_before_calibration_calibrates_as_if_it_never_saw_the_tr
     assert warm.calibrated and cold.calibrated
     assert mx.array_equal(warm.k_codec.weight, cold.k_codec.weight)
     assert mx.array_equal(warm.codes.view()["k_codes0"], cold.codes.view()["k_codes0"])
+
+
+def test_the_call_that_completes_quant_start_answers_its_earlier_queries_exactly():
+    """A prompt of exactly quant_start tokens is attended as mlx-lm's fp cache would, in one call or two."""
+    cfg = tq_mlx.resolve_config("k4v4", quant_start=64)
+    k, v = _kv(2, 64, 64, seed=11)
+    q = mx.random.normal((1, 6, 64, 64), key=mx.random.key(12))
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask="causal")
+    cache = TurboQuantKVCache(cfg)
+    cache.update_and_fetch(k, v)
+    got = sdpa(q, None, None, cache, 0.125, "causal")
+    assert cache.calibrated and mx.array_equal(got, want)
+
+
+def test_prefill_output_does_not_depend_on_the_chunks_around_quant_start():
+    """Queries before quant_start are answered on the exact tokens and later ones on the codes, whatever the
+    chunking (a calibrating call used to answer all its queries on the codes)."""
+    cfg = tq_mlx.resolve_config("k4v4", quant_start=64)
+    k, v = _kv(2, 100, 64, seed=13)
+    q = mx.random.normal((1, 6, 100, 64), key=mx.random.key(14))
+    outs = []
+    for sizes in ([100], [20, 80], [63, 1, 36]):
+        cache, pos, out = TurboQuantKVCache(cfg), 0, []
+        for n in sizes:
+            cache.update_and_fetch(k[:, :, pos : pos + n], v[:, :, pos : pos + n])
+            out.append(sdpa(q[:, :, pos : pos + n], None, None, cache, 0.125, "causal" if n > 1 else None))
+            pos += n
+        outs.append(mx.concatenate(out, axis=2))
+    for o in outs[1:]:
+        assert mx.allclose(o, outs[0], atol=1e-5)

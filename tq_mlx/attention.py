@@ -67,12 +67,43 @@ def attention(cache, queries, scale, mask=None, sinks=None, keys=None, values=No
         cache.hands_out_all = False  # the model reads the cache through here: placeholders from now on
     kk = role == "kk"
     cache.check_queries(queries)
+    early, n = _before_calibration(cache, queries, scale, mask, sinks, kk)
     cache.prepare_attention(group_queries(queries, cache.n_kv_heads, scale), L)
     if not cache.calibrated:  # the exact phase: as mlx-lm's fp cache, on the tokens as given
         (exact,) = cache.blocks(values_from_keys=kk)
         return mx.fast.scaled_dot_product_attention(
             queries, exact.k[FP_KEY], exact.v[FP_KEY], scale=scale, mask=mask, sinks=sinks
         )
+    if early is None:
+        return _on_codes(cache, queries, scale, mask, sinks, kk)
+    if n == L:
+        return early
+    late = _on_codes(cache, queries[:, :, n:], scale, mask if isinstance(mask, str) else mask[..., n:, :], sinks, kk)
+    return mx.concatenate([early, late], axis=2)
+
+
+def _before_calibration(cache, queries, scale, mask, sinks, kk):
+    """A call whose tokens complete the first quant_start: its queries at positions before quant_start,
+    answered on the exact tokens as a call that ended there would have (a prompt's answer then does not
+    depend on how it was chunked, and a prefix cache is exact): (out, n) for the first n queries, or
+    (None, 0) (other calls; sliding-window and chunked layers, whose exact tokens may not be in position
+    order; several queries and no mask)."""
+    L = queries.shape[2]
+    Q, first = cache._quant_start, cache.offset - L
+    if cache.calibrated or first >= Q or cache.offset < max(Q, 1):
+        return None, 0
+    if cache.max_size is not None or cache.chunk_size is not None or (mask is None and L > 1):
+        return None, 0
+    n = Q - first
+    (exact,) = cache.blocks(values_from_keys=kk)
+    k, v = exact.k[FP_KEY][:, :, :Q], exact.v[FP_KEY][:, :, :Q]
+    m = mask if mask is None or isinstance(mask, str) else mask[..., :n, :Q]
+    return mx.fast.scaled_dot_product_attention(queries[:, :, :n], k, v, scale=scale, mask=m, sinks=sinks), n
+
+
+def _on_codes(cache, queries, scale, mask, sinks, kk):
+    """Attention of a calibrated cache: the kernels where they serve the call, else the reference path."""
+    L = queries.shape[2]
     if L == 1 and mask is not None and not isinstance(mask, str):
         cache.linearize()  # a positional mask at decode reads the tokens in temporal order
     reason = "not enabled" if not kernels.enabled() else "the keys serve as values" if kk else None
