@@ -17,7 +17,7 @@ each row's own is rebuilt from its counts; any other mask is refused.
 import mlx.core as mx
 
 from . import kernels
-from .attention import _log_once, attention
+from .attention import _before_calibration, _log_once, attention
 from .batch_cache import _MASKS
 from .cache import CodeBuffers
 from .cache_state import prefixed
@@ -85,24 +85,38 @@ def _prefill(batch, queries, scale, sinks, window_size, return_array):
 
 
 def _decode(batch, queries, scale, sinks):
+    out, early = _decode_rows(batch, queries, scale, sinks)
+    if not early:
+        return out
+    rows = [early[b] if b in early else out[b : b + 1] for b in range(out.shape[0])]
+    return mx.concatenate(rows, axis=0)
+
+
+def _decode_rows(batch, queries, scale, sinks):
+    """(output, {row: its output}): the rows whose token completes their first quant_start answer it on their
+    exact tokens, as each would alone (`attention._before_calibration`)."""
     H = batch.n_kv_heads
     gq = group_queries(queries, H, scale)
+    early = {}
     for r in batch.rows:  # the rows' query statistics and calibration, as each would alone
         if r.calibrated:
             r.pending = False
         else:
+            out, n = _before_calibration(r, queries[r.index : r.index + 1], scale, None, sinks, False)
+            if n:
+                early[r.index] = out
             r.prepare_attention(gq[r.index : r.index + 1], 1)
     if not any(r.calibrated for r in batch.rows):
-        return _exact_decode(batch, queries, scale, sinks)
+        return _exact_decode(batch, queries, scale, sinks), early
     if kernels.enabled():
         reason = unsupported_reason(batch)
         if reason is None:
             out = _kernel_decode(batch, queries, scale, sinks)
             if out is not None:
-                return out
+                return out, early
         else:
             _log_once(f"batch: {reason}")
-    return reference_decode(batch, queries, scale, sinks)
+    return reference_decode(batch, queries, scale, sinks), early
 
 
 def _valid(st, T: int) -> mx.array:
