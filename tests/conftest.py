@@ -1,6 +1,15 @@
 """Shared fixtures: the bundled models, loaded once per session."""
 
+import signal
+
 import pytest
+
+
+def pytest_configure(config):
+    """Ctrl-C reaches the subprocesses the tests interrupt (tq-server, tq-chat): a shell that starts pytest
+    in the background (`cmd &`, nohup) ignores SIGINT, and children would inherit that and never stop."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
