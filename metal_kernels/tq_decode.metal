@@ -231,7 +231,7 @@
                 s[0] += simd_shuffle_xor(s[0], ushort(off));
             }
         }
-        const int pos = RPOS ? kpos[prow + tl] : S + tl;
+        const int pos = (RPOS && !fpb) ? kpos[prow + tl] : S + tl;  // the fp16 block reads no kpos
         const float fmean = (RB && !fpb) ? kf[frow + uint(pos) / RBX + (uint(pos) < fsplit ? 0u : fshift)] : 0.0f;
         const float score = valid ? fma(s[0], kscale, fmean) : -INFINITY;
         if (simd_any(score > m)) {  // a new running max somewhere: rescale (uniform branch)

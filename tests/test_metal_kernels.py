@@ -339,7 +339,7 @@ def test_rope_centred_ring_decodes_on_the_kernels_with_the_positions_its_codes_k
     D, H, G = 64, 2, 2
     rmap = probe(nn.RoPE(D, base=10000.0), D)
     mu = 3 * mx.random.normal((H, D), key=mx.random.key(6))
-    cfg = tq_mlx.resolve_config("k4v4-rope", quant_start=64)
+    cfg = tq_mlx.resolve_config("k4v4-rope", quant_start=64, fp_window=6)  # an fp16 block beside the ring
     cache = TurboQuantKVCache(cfg, max_size=96, keep=4, rope=rmap)
     k = rotate(rmap, mu, 0, 300) + mx.random.normal((1, H, 300, D), key=mx.random.key(7))
     v = mx.random.normal((1, H, 300, D), key=mx.random.key(8))
