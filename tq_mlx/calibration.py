@@ -75,11 +75,10 @@ class QueryStats:
         self.rows = mx.concatenate([self.rows, mx.zeros((gap, H, d)), rows])
         self.counts += [0] * gap + [B * G] * L
         if self.raw is not None:
-            raw = q.transpose(3, 1, 0, 2, 4).reshape(L, H, B * G, d)
-            old = self.raw if self.raw.shape[2] == B * G or self.raw.shape[0] == 0 else None
-            if old is None:
+            if self.raw.shape[0] and self.raw.shape[2] != B * G:
                 raise ValueError(f"queries per position changed from {self.raw.shape[2]} to {B * G}")
-            self.raw = mx.concatenate([old.reshape(-1, H, B * G, d), mx.zeros((gap, H, B * G, d)), raw])
+            raw = q.transpose(3, 1, 0, 2, 4).reshape(L, H, B * G, d)
+            self.raw = mx.concatenate([self.raw.reshape(-1, H, B * G, d), mx.zeros((gap, H, B * G, d)), raw])
 
     def truncate(self, positions: int):
         """Forget the queries of positions from `positions` on."""

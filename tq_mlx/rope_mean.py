@@ -180,14 +180,14 @@ class AtPositions:
         return c.to_stored(rotate_at(c.rope_map, c.rope_mean, pos, c.rope_block))
 
     def encode(self, x: mx.array) -> dict:
-        c = self.codec
-        pos = positions(self.start, x.shape[2])
-        if x.shape[2] == 1:  # a decode step: its block's mean, taken off by the encode kernel where it runs
+        c, n = self.codec, x.shape[2]
+        if n == 1:  # a decode step: its block's mean, taken off by the encode kernel where it runs
             out = c.encode_centred(x, turned_mean(c, self.start))
         else:
-            out = c.encode_centred(x.astype(mx.float32) - rotate_at(c.rope_map, c.rope_mean, pos, c.rope_block))
+            turned = rotate(c.rope_map, c.rope_mean, self.start, n, c.rope_block)
+            out = c.encode_centred(x.astype(mx.float32) - turned)
         if self.keep_positions:
-            out["pos"] = mx.broadcast_to(pos, (x.shape[0], 1, x.shape[2]))
+            out["pos"] = mx.broadcast_to(positions(self.start, n), (x.shape[0], 1, n))
         return out
 
     def decode_stored(self, enc: dict) -> mx.array:
