@@ -23,10 +23,10 @@ def rand(shape, seed):
     return mx.random.normal(shape, key=mx.random.key(seed))
 
 
-def single(config="k4v4", T=40, seed=0, steps=0, max_size=None, keep=0, shard=None, **overrides):
+def single(config="k4v4", T=40, seed=0, steps=0, max_size=None, keep=0, shard=None, rope=None, **overrides):
     """A cache after a T-token prefill (with its attention call) and `steps` decode steps."""
     cfg = tq_mlx.resolve_config(config, **overrides)
-    c = TurboQuantKVCache(cfg, max_size=max_size, keep=keep, shard=shard)
+    c = TurboQuantKVCache(cfg, max_size=max_size, keep=keep, shard=shard, rope=rope)
     if T:
         k, v = rand((1, H, T, D), seed), rand((1, H, T, D), seed + 1)
         mask = c.make_mask(T) if max_size else "causal"
@@ -164,6 +164,52 @@ def test_every_codec_kind_batches_with_its_own_calibration_per_row(config):
     step_both(batch, caches, 5)
     for b, c in enumerate(caches):
         assert_same(batch.extract(b), c)
+
+
+def rope_map():
+    import mlx.nn as nn
+
+    from tq_mlx.rope_mean import probe
+
+    return probe(nn.RoPE(D, base=10000.0), D)
+
+
+@pytest.mark.parametrize("config", ["k4v4-rope", "k4v4-fast-rope", "k3v3-rope"])
+def test_rope_centred_rows_batch_each_with_its_own_mean_and_positions(config):
+    """Rows at other positions (a block opening in one, not another), one still exact, one calibrating mid-step."""
+    rmap = rope_map()
+    kw = dict(quant_start=16, fp_window=4, rope=rmap)
+    caches = [single(config, T=T, seed=s, steps=n, **kw) for T, s, n in ((40, 1, 0), (57, 2, 3), (9, 3, 0), (15, 4, 0))]
+    assert caches[0].k_codec.rope_mean is not None
+    batch = TurboQuantKVCache.merge([copy.deepcopy(c) for c in caches])
+    for step in range(20):  # row 1 crosses positions 64 and 80: blocks open
+        step_both(batch, caches, step)
+    for b, c in enumerate(caches):
+        assert_same(batch.extract(b), c)
+
+
+def test_rope_centred_sliding_window_rows_batch_through_their_wrapping_rings():
+    kw = dict(max_size=24, keep=2, quant_start=8, fp_window=4, rope=rope_map())
+    caches = [single("k4v4-rope", T=T, seed=s, steps=n, **kw) for T, s, n in ((30, 1, 0), (10, 2, 0), (20, 3, 7))]
+    batch = TurboQuantKVCache.merge([copy.deepcopy(c) for c in caches])
+    for step in range(40):
+        step_both(batch, caches, step, masked=True)
+    for b, c in enumerate(caches):
+        assert_same(batch.extract(b), c)
+
+
+def test_rows_whose_rope_means_turn_in_other_blocks_do_not_batch():
+    caches = [single("k4v4-rope", T=40, seed=s, quant_start=16, rope=rope_map()) for s in (1, 2)]
+    caches[1].k_codec.rope_block = 1  # as a cache saved before blocks
+    batch = TurboQuantKVCache.merge(caches)
+    with pytest.raises(NotImplementedError, match="blocks of another size"):
+        batch_attention(batch, *_step(batch))
+
+
+def _step(batch):
+    B = batch.batch
+    batch.update_and_fetch(rand((B, H, 1, D), 1), rand((B, H, 1, D), 2))
+    return rand((B, 3 * H, 1, D), 3), D**-0.5, None, None, *batch.handed
 
 
 def test_a_short_batch_attends_exactly_like_mlx_lms_fp_batch_cache():

@@ -25,21 +25,28 @@ def rand(shape, seed):
     return mx.random.normal(shape, key=mx.random.key(seed))
 
 
-def single(config, T, seed, **overrides):
+def single(config, T, seed, rope=None, max_size=None, **overrides):
     cfg = tq_mlx.resolve_config(config, quant_start=16, fp_window=4, **overrides)
-    c = TurboQuantKVCache(cfg)
+    c = TurboQuantKVCache(cfg, rope=rope, max_size=max_size)
     c.update_and_fetch(rand((1, H, T, D), seed), rand((1, H, T, D), seed + 1))
     attention(c, rand((1, G * H, T, D), seed + 2), D**-0.5, "causal")
     return c
 
 
-def ragged(config, **overrides):
-    """Rows of 9 (exact), 18 (window filling), 70 and 41 tokens, after one batched decode step."""
-    batch = TurboQuantKVCache.merge(
-        [single(config, T, seed, **overrides) for T, seed in ((9, 1), (18, 2), (70, 3), (41, 4))]
-    )
-    batch.update_and_fetch(rand((4, H, 1, D), 5), rand((4, H, 1, D), 6))
+def ragged(config, lengths=(9, 18, 70, 41), steps=1, **overrides):
+    """Rows of 9 (exact), 18 (window filling), 70 and 41 tokens, after `steps` batched decode steps."""
+    batch = TurboQuantKVCache.merge([single(config, T, seed, **overrides) for seed, T in enumerate(lengths, 1)])
+    for i in range(steps):
+        batch.update_and_fetch(rand((4, H, 1, D), 5 + 2 * i), rand((4, H, 1, D), 6 + 2 * i))
     return batch
+
+
+def rope_map():
+    import mlx.nn as nn
+
+    from tq_mlx.rope_mean import probe
+
+    return probe(nn.RoPE(D, base=10000.0), D)
 
 
 def on_kernels(batch, q, sinks, monkeypatch):
@@ -67,18 +74,36 @@ def test_ragged_rows_decode_on_the_kernels_as_on_the_reference_path(config, monk
     np.testing.assert_allclose(got, ref, atol=2e-5 * max(1.0, np.abs(ref).max()))
 
 
+def test_rope_centred_rows_decode_on_the_kernels_with_their_own_means_and_positions(monkeypatch):
+    """Rows at positions 9 .. 330, each with its own pre-RoPE mean: tq_rope_bias's blocks span them all."""
+    batch = ragged("k4v4-rope", lengths=(9, 18, 330, 41), rope=rope_map())
+    assert batch.codecs()[0].rope_mean.shape == (4, H, D)
+    got, ref = on_kernels(batch, rand((4, G * H, 1, D), 7), None, monkeypatch)
+    np.testing.assert_allclose(got, ref, atol=2e-5 * max(1.0, np.abs(ref).max()))
+
+
+def test_rope_centred_sliding_window_rows_decode_on_the_kernels(monkeypatch):
+    """Rings of 24 slots wrapped to other depths: each slot's position read from the ring."""
+    batch = ragged("k4v4-rope", lengths=(30, 50, 300, 41), rope=rope_map(), max_size=24)
+    got, ref = on_kernels(batch, rand((4, G * H, 1, D), 7), None, monkeypatch)
+    np.testing.assert_allclose(got, ref, atol=2e-5 * max(1.0, np.abs(ref).max()))
+
+
 def test_ragged_rows_with_attention_sinks_on_the_kernels(monkeypatch):
     batch = ragged("k4v4")
     got, ref = on_kernels(batch, rand((4, G * H, 1, D), 8), rand((G * H,), 9), monkeypatch)
     np.testing.assert_allclose(got, ref, atol=2e-5 * max(1.0, np.abs(ref).max()))
 
 
-def test_a_batched_decode_step_encodes_on_the_kernel_with_each_rows_codecs(monkeypatch):
-    """tq_encode with per-row constants stores the codes the reference encoder gives each row."""
-    ref = ragged("k4v4")
+@pytest.mark.parametrize("rope", [False, True])
+def test_a_batched_decode_step_encodes_on_the_kernel_with_each_rows_codecs(rope, monkeypatch):
+    """tq_encode with per-row constants (RoPE-centred keys: each row's mean turned to its position) stores the
+    codes the reference encoder gives each row."""
+    kw = dict(rope=rope_map()) if rope else {}
+    ref = ragged("k4v4-rope" if rope else "k4v4", **kw)
     monkeypatch.setenv("TQ_MLX_ATTENTION", "metal")
     with emulated():
-        got = ragged("k4v4")
+        got = ragged("k4v4-rope" if rope else "k4v4", **kw)
         mx.eval(got.state)
     codes_ref, codes_got = ref.stores["codes"], got.stores["codes"]
     assert codes_got.lengths == codes_ref.lengths

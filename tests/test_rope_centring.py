@@ -129,6 +129,29 @@ def test_a_sliding_layer_reads_its_ring_with_the_positions_its_codes_keep():
     assert mx.allclose(got, keys[:, :, mx.array(held)], atol=0.05)
 
 
+@pytest.mark.parametrize("name", list(ROPES))
+@pytest.mark.parametrize("form", ["pairs", "pairs, query rotated back", "dense"])
+def test_decode_scores_per_block_equal_the_keys_decoded_with_their_turned_means(name, form):
+    """The mean's score term, made per block of positions (in pairs, or as stored-domain vectors for any map), is
+    <q, y~_t + R_c(t) mu> with the mean turned per key: full layers, and a ring that keeps 4 front tokens."""
+    rmap = probe(ROPES[name], D)
+    keys = rotate(rmap, 4 * mx.random.normal((2, D), key=mx.random.key(1)), 0, 700)
+    keys = keys + mx.random.normal(keys.shape, key=mx.random.key(2))
+    for ring in ({}, dict(max_size=300, keep=4)):
+        cache = TurboQuantKVCache(tq_mlx.resolve_config("k4v4-rope", quant_start=64), rope=rmap, **ring)
+        _feed(cache, keys, keys, [100, 500, 1, 1, 1])
+        kc, enc = next((b.k_codec, b.k) for b in cache.blocks() if isinstance(b.k_codec, AtPositions))
+        if form == "dense":
+            kc.codec._pairs = None
+        q = mx.random.normal((1, 2, 3, D), key=mx.random.key(3))
+        q_rot = kc.rotate_query(q)
+        if form == "pairs, query rotated back":
+            q_rot = q_rot + 0
+        got = kc.scores(q_rot, enc)
+        want = q_rot @ mx.swapaxes(kc.decode_stored(enc), -1, -2)
+        assert mx.allclose(got, want, atol=2e-4 * float(mx.abs(want).max().item())), (name, ring)
+
+
 def test_a_saved_rope_centred_cache_reloads_to_the_same_attention(tmp_path):
     rmap, keys, values = _rope_keys(260)
     cache = TurboQuantKVCache(tq_mlx.resolve_config("k4v4-rope", quant_start=128), rope=rmap)
@@ -143,15 +166,6 @@ def test_a_saved_rope_centred_cache_reloads_to_the_same_attention(tmp_path):
         c.update_and_fetch(keys[:, :, 259:], values[:, :, 259:])
         outs.append(sdpa(q, None, None, c, D**-0.5, None))
     assert mx.array_equal(outs[0], outs[1])
-
-
-def test_rope_centred_caches_refuse_to_batch():
-    rmap, keys, values = _rope_keys(130)
-    caches = [TurboQuantKVCache(tq_mlx.resolve_config("k4v4-rope", quant_start=64), rope=rmap) for _ in range(2)]
-    for c in caches:
-        _feed(c, keys, values, [130])
-    with pytest.raises(NotImplementedError, match="RoPE-centred"):
-        TurboQuantKVCache.merge(caches)
 
 
 def test_kxvy_rope_names_resolve_to_rope_centred_keys_and_static_values():

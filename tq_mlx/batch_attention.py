@@ -24,6 +24,7 @@ from .cache_state import prefixed
 from .fp16_codec import FP16
 from .metal_attention import _placeholder, decode_on_kernels
 from .partials import group_queries, sink_partial, ungroup
+from .rope_mean import at
 
 
 def batch_attention(batch, queries, scale, mask=None, sinks=None, keys=None, values=None):
@@ -143,10 +144,19 @@ def _blocks(batch):
             continue
         view = {n: a[:, :, :T] for n, a in st.buffers.items()}
         if name == "codes":
-            out.append((ck, cv, prefixed(view, "k_"), prefixed(view, "v_"), _valid(st, T)))
+            kc = at(ck, [r.sink.length for r in batch.rows], span=code_span(batch))
+            out.append((kc, cv, prefixed(view, "k_"), prefixed(view, "v_"), _valid(st, T)))
         else:
             out.append((FP16, FP16, {"x": view["k"]}, {"x": view["v"]}, _valid(st, T)))
     return out
+
+
+def code_span(batch):
+    """(first, last, front) bounding the positions of every row's codes (`TurboQuantKVCache.code_span`)."""
+    spans = [r.code_span() for r in batch.rows if r.calibrated and r.codes.length]
+    if not spans:
+        return 0, 0, 0
+    return min(s[0] for s in spans), max(s[1] for s in spans), spans[0][2]
 
 
 def reference_decode(batch, queries, scale, sinks=None):
@@ -205,4 +215,5 @@ def _kernel_decode(batch, queries, scale, sinks):
     counts = [[st[n].lengths[b] for n in ("codes", "sink", "window", "exact")] for b in range(B)]
     lens = mx.array(counts, mx.int32)
     ck, cv = batch.codecs()
-    return decode_on_kernels(queries, scale, sinks, ck, cv, buf, fp, lens, codes.longest)
+    first, last, _ = code_span(batch)
+    return decode_on_kernels(queries, scale, sinks, ck, cv, buf, fp, lens, codes.longest, first, last)

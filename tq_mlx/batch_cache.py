@@ -46,11 +46,6 @@ def refusal(cache):
             f"{cache.config.name!r}: trellis-coded caches (-tcq, staged encodes) do not batch yet; "
             "batch with a Lloyd-Max, uniform (-fast), HQMQ or fp16 preset (e.g. 'k4v4', 'k4v4-fast')"
         )
-    if cache.config.keys.center == "rope":
-        return (
-            f"{cache.config.name!r}: RoPE-centred keys (-rope: codes tied to positions) do not batch yet; "
-            "batch with a preset without -rope (e.g. 'k4v4', 'k4v4-fast')"
-        )
     return None
 
 

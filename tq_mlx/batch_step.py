@@ -6,10 +6,13 @@ token exact; a calibrated one puts it into its fp16 sink while that has room, el
 window (whose oldest token is then encoded into codes), or straight into codes without a window.
 The writes are then batched: at most one gather (the windows' oldest tokens), one encode (the
 batch's stacked codecs) and one in-place scatter per stored array, whatever the batch size; rows
-that write nothing to a store send their value to a slot nobody reads.  No host sync.
+that write nothing to a store send their value to a slot nobody reads (RoPE-centred keys: each row's
+token less its own mean turned to its own position, made on the host).  No host sync.
 """
 
 import mlx.core as mx
+
+from .rope_mean import at
 
 
 def _prepare_rows(batch, keys, values):
@@ -52,6 +55,16 @@ def _plan(batch):
     return slots, oldest
 
 
+def _code_positions(batch, code_slots) -> list:
+    """The position of the token each row sends to its codes (RoPE-centred keys: after its sinks and the tokens
+    encoded before), counted as encoded; rows that send none get their next one (their codes go unread)."""
+    out = []
+    for r, slot in zip(batch.rows, code_slots):
+        out.append(r.sink.length + r.encoded)
+        r.encoded += slot is not None
+    return out
+
+
 def store_step(batch, keys, values):
     """keys, values (B, H, 1, d): each row's new token into its exact store, sink, window or codes."""
     _prepare_rows(batch, keys, values)
@@ -68,6 +81,7 @@ def store_step(batch, keys, values):
         else:
             src = {"k": keys, "v": values}
         ck, cv = batch.codecs()
+        ck = at(ck, _code_positions(batch, slots["codes"]), keep_positions=not batch.rows[0]._keeps_front)
         enc = {f"k_{n}": a for n, a in ck.encode(src["k"]).items()}
         enc.update({f"v_{n}": a for n, a in cv.encode(src["v"]).items()})
         st["codes"].write(enc, filled("codes"))

@@ -421,13 +421,19 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
                 view = self.codes.ordered() if ordered else self.codes.view()
                 fp = self.k_codec is FP16 and self.v_codec is FP16
                 k, v = prefixed(view, "k_"), prefixed(view, "v_")
-                kc = at(self.k_codec, self.sink.length)  # codes follow the sinks (RoPE-centred keys need it)
+                kc = at(self.k_codec, self.sink.length, span=self.code_span())  # RoPE-centred keys: positions
                 out.append(Block(kc, self.v_codec, k, v, fp, self.codes.length))
             if self.window.length:
                 out.append(_fp_block(self.window, ordered))
         if values_from_keys:
             out = [b._replace(v_codec=b.k_codec, v=b.k, is_fp=b.is_fp or b.k_codec is FP16) for b in out]
         return out
+
+    def code_span(self):
+        """(first, last, front): the codes hold positions first .. last (the sinks' count on), or a ring's
+        `keep` first ones."""
+        last = self.sink.length + self.encoded - 1
+        return max(last + 1 - self.codes.length, 0), last, 0 if self._keeps_front else self.keep
 
     def linearize(self):
         """Put ring slots in temporal order (for a positional mask at decode)."""

@@ -62,11 +62,11 @@ def _hqmq(spec, cfg, d, n_heads, layer, part, calib, use_kernels, batch, head_of
     )
 
 
-def _rope_centring(spec, part, calib, batch):
-    """(RopeMap, mu (H, d), block) for RoPE-aware key centring (center="rope"), from the saved state (block 1,
-    exact, in states saved before blocks) or fitted to calib.x; None where it does not apply (values, batch
-    rows, no known RoPE): the static mean then."""
-    if part != "k" or spec.center != "rope" or batch:
+def _rope_centring(spec, part, calib):
+    """(RopeMap, mu (H, d), or (B, H, d) for batch rows, block) for RoPE-aware key centring (center="rope"), from
+    the saved state (block 1, exact, in states saved before blocks) or fitted to calib.x; None where it does not
+    apply (values, no known RoPE): the static mean then."""
+    if part != "k" or spec.center != "rope":
         return None
     st = calib.state or {}
     if "rope_mean" in st:
@@ -78,7 +78,7 @@ def _rope_centring(spec, part, calib, batch):
 
 
 def _turboquant(spec, cfg, d, n_heads, layer, part, calib, use_kernels, batch, head_offset):
-    rope = _rope_centring(spec, part, calib, batch)
+    rope = _rope_centring(spec, part, calib)
     mean = calib.get("mean", lambda: channel_mean(calib.x)) if spec.center and rope is None else None
     weight = None
     if part == "k" and spec.query_weighting:

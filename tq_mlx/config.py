@@ -35,8 +35,7 @@ class CodecSpec:
     center: subtract a per-(layer, head) channel mean learnt from the first tokens before
         encoding; added back exactly in attention (TurboQuant only).  "rope" (keys): the mean taken
         before the layer's rotary embedding, turned to each key's position (rope_mean.py); it applies
-        to full-attention layers whose RoPE is known, others keep the static mean.  The kernels and
-        batch rows read only static means (those calls take the reference path; batches refuse it).
+        to full-attention layers whose RoPE is known, others keep the static mean.
     query_weighting: keys only: scale channels by (E q^2 / E k^2)^(1/4), learnt
         from the first queries and keys, and divide queries by the same weights
         (scores unchanged; quantization noise moved off the channels queries use).

@@ -50,30 +50,32 @@ def kernel_decode(cache, queries, scale, sinks=None):
     z = _placeholder((B, H, 1, D))
     lens = mx.array([[buf.length, S, R, 0]], mx.int32)
     fp = ((sk, sv), (wk, wv), (z, z))
-    first = max(S + cache.encoded - buf.length, 0)  # the codes' first position (a ring's: its oldest but the front)
-    return decode_on_kernels(queries, scale, sinks, cache.k_codec, cache.v_codec, buf, fp, lens, buf.length, first)
+    first, last, _ = cache.code_span()
+    return decode_on_kernels(
+        queries, scale, sinks, cache.k_codec, cache.v_codec, buf, fp, lens, buf.length, first, last
+    )
 
 
-def _rope_term(ck, queries, scale, G, first, T, front):
-    """RoPE-centred keys: tq_rope_bias's term for the blocks of positions first .. first + T - 1 (after the
+def _rope_term(ck, queries, scale, G, first, last, front):
+    """RoPE-centred keys: tq_rope_bias's term for the blocks of positions first .. last (after the
     first ROPE_TILE blocks if `front`, a ring whose codes keep the first tokens), as (kf, block, first
     block); else (None, 0, 0)."""
     pairs = ck.kernel_pairs()
     if pairs is None:
         return None, 0, 0
     blk = ck.rope_block
-    last = (first + T - 1) // blk
     b0 = max(first // blk, K.ROPE_TILE) if front else first // blk
-    nb = max(last - b0 + 1, 0)
+    nb = max(last // blk - b0 + 1, 0)
     return K.rope_bias(queries, scale, *pairs, b0, nb, blk, G, front), blk, b0
 
 
-def decode_on_kernels(queries, scale, sinks, ck, cv, buf, fp, lens, T, first=0):
+def decode_on_kernels(queries, scale, sinks, ck, cv, buf, fp, lens, T, first=0, last=None):
     """tq_rope_bias (RoPE-centred keys) + tq_decode + tq_merge: queries (B, Hq, 1, D) against the codes in `buf`
     (CodeBuffers: full buffers), the fp tokens fp = ((sink k, v), (window k, v), (exact k, v)) (B, H, capacity,
     D) and per-row counts lens (B or 1, 4) [coded, sink, window, exact]; T: the most coded tokens of any row;
-    first: RoPE-centred keys: the codes' first position (each code slot's is buf.k["pos"] in a ring, else
-    the sinks' count + the slot).  ck, cv: codecs whose constants are per head or per batch row.
+    first, last (RoPE-centred keys): every code slot's position is in first .. last (default first + T - 1),
+    or one of a ring's front tokens (each slot's position is buf.k["pos"] in a ring, else the row's sinks'
+    count + the slot).  ck, cv: codecs whose constants are per head or per batch row.
     (B, Hq, 1, D) in queries.dtype, or None (kernel unusable)."""
     B, Hq, _, D = queries.shape
     G = Hq // buf.k["norm0"].shape[1]
@@ -82,7 +84,8 @@ def decode_on_kernels(queries, scale, sinks, ck, cv, buf, fp, lens, T, first=0):
 
     def run():
         front = "pos" in buf.k
-        kf, rope_block, fb0 = _rope_term(ck, queries, scale, G, first, T, front)
+        end = first + T - 1 if last is None else last
+        kf, rope_block, fb0 = _rope_term(ck, queries, scale, G, first, end, front)
         po, pm, pl = K.decode_partials(
             queries,
             scale,

@@ -72,9 +72,9 @@ def _phases(angle: mx.array, pos: mx.array, block: int = 1):
 
 
 def rotate_at(rmap: RopeMap, mu: mx.array, pos: mx.array, block: int = 1) -> mx.array:
-    """R_c(t) mu at positions pos (B, 1, n): mu (H, d) -> float32 (B, H, n, d)."""
+    """R_c(t) mu at positions pos (B or 1, 1, n): mu (H, d), or (B, H, d) one per batch row -> float32 (B, H, n, d)."""
     c, s = _phases(rmap.angle, pos, block)
-    sc = (rmap.scale * mu)[None, :, None]  # (1, H, 1, d)
+    sc = (rmap.scale * mu).reshape(-1, mu.shape[-2], 1, mu.shape[-1])  # (1 or B, H, 1, d)
     return sc * c + mx.take(sc, rmap.partner, axis=-1) * mx.take(s, rmap.partner, axis=-1)
 
 
@@ -126,9 +126,10 @@ def probe(rope, d: int):
 
 
 def kernel_pairs(rmap: RopeMap, mu: mx.array):
-    """The mean as tq_rope_bias reads it: (ra float32 (H, NP, 2): a_i = s_i mu_i, a_p = s_p mu_p per pair (i, p);
-    rp int32 (NP, 2): the pairs; rang float32 (NP,): the angle of i, p turning by minus it), or None when the
-    map is not in such pairs (a coordinate turning on its own, or a pair whose angles are not opposite)."""
+    """The mean as tq_rope_bias reads it: (ra float32 (CH, NP, 2): a_i = s_i mu_i, a_p = s_p mu_p per head (CH = H, or
+    B * H for a batch's means (B, H, d), row b * H + h) and pair (i, p); rp int32 (NP, 2): the pairs; rang float32
+    (NP,): the angle of i, p turning by minus it), or None when the map is not in such pairs (a coordinate turning
+    on its own, or a pair whose angles are not opposite)."""
     partner, angle = np.array(rmap.partner), np.array(rmap.angle)
     lead = [i for i in range(len(partner)) if partner[i] >= i]
     for i in lead:
@@ -136,59 +137,123 @@ def kernel_pairs(rmap: RopeMap, mu: mx.array):
         if angle[p] != (angle[i] if p == i else -angle[i]) or (p == i and angle[i] != 0):
             return None
     rp = np.array([[i, partner[i]] for i in lead], np.int32)
-    a = rmap.scale * mu
+    a = (rmap.scale * mu).reshape(-1, mu.shape[-1])
     ra = mx.stack([a[:, mx.array(rp[:, 0])], a[:, mx.array(rp[:, 1])]], axis=-1)
     return ra.astype(mx.float32), mx.array(rp), mx.array(angle[rp[:, 0]].astype(np.float32))
 
 
 def host_mean(rmap: RopeMap, mu: mx.array):
-    """(a = s * mu (H, d), partner, angle) as numpy copies: what `turned_mean` turns on the host."""
+    """(a = s * mu ((B,) H, d), partner, angle) as numpy copies: what `turned_mean` turns on the host."""
     return np.array(rmap.scale * mu, np.float32), np.array(rmap.partner), np.array(rmap.angle, np.float32)
 
 
-def turned_mean(codec, position: int) -> mx.array:
-    """R_c mu for one position (H, d) float32, kept on the codec for its block (a decode step re-uses it).
-    Made on the host from the codec's `host_mean`, so a decode step that opens a block adds no launch and
-    no sync."""
+def turned_mean(codec, position) -> mx.array:
+    """R_c mu for one position (an int: (H, d) float32), or one per batch row (a list: (B, H, d), row b at
+    position[b] with its own mean), kept on the codec for its blocks (a decode step re-uses them).  Made on the
+    host from the codec's `host_mean`, so a decode step that opens a block adds no launch and no sync."""
     blk = codec.rope_block
-    key = position // blk
+    rows = isinstance(position, (list, tuple))
+    key = tuple(int(p) // blk for p in position) if rows else int(position) // blk
     memo = getattr(codec, "_turned", None)
     if memo is None or memo[0] != key:
         a, partner, angle = codec.host_mean
-        phase = np.float32(position if blk == 1 else key * blk + (blk - 1) / 2) * angle
-        m = a * np.cos(phase) + a[:, partner] * np.sin(phase[partner])
-        memo = codec._turned = (key, mx.array(m.astype(np.float32)))
+        pos = np.array(position if rows else [position], np.float32)
+        c = pos if blk == 1 else np.floor(pos / blk) * blk + (blk - 1) / 2
+        phase = c.reshape(-1, 1, 1) * angle  # (rows, 1, d)
+        m = a * np.cos(phase) + a[..., partner] * np.sin(phase[..., partner])
+        memo = codec._turned = (key, mx.array((m if rows else m[0]).astype(np.float32)))
     return memo[1]
 
 
-class AtPositions:
-    """A RoPE-centred key codec bound to positions start, start + 1, ...: encodes and reads tokens with the
-    mean R_t mu taken off and put back.  keep_positions: encodings also hold their positions ("pos", int32
-    (B, 1, n): codes in a ring, whose slots are not in position order), and reading uses them.
-    Every other attribute is the codec's."""
+_TRIG = {}  # (angles, block) -> float32 (capacity, 2 NP): [cos | sin] of c_b * angle per block b, shared by layers
 
-    def __init__(self, codec, start: int, keep_positions: bool = False):
-        self.codec, self.start, self.keep_positions = codec, start, keep_positions
+
+def _trig(rang: np.ndarray, blk: int, need: int) -> mx.array:
+    """[cos | sin](c_b w) for blocks b = 0 .. need - 1 at least: float32 (capacity, 2 NP), computed on the host in
+    float64 (positions far out keep their phase) when the capacity doubles, so a decode step adds no sync."""
+    key = (rang.tobytes(), blk)
+    have = _TRIG.get(key)
+    if have is None or have.shape[0] < need:
+        cap = max(64, 1 << (need - 1).bit_length())
+        c = np.arange(cap, dtype=np.float64) * blk + (blk - 1) / 2
+        ph = c[:, None] * rang.astype(np.float64)[None]
+        have = _TRIG[key] = mx.array(np.concatenate([np.cos(ph), np.sin(ph)], axis=1).astype(np.float32))
+    return have
+
+
+def _block_scores(codec, q: mx.array, q_rot: mx.array, fb: int, b0: int, b1: int) -> mx.array:
+    """<q, R_c mu> for blocks 0 .. fb - 1 then b0 .. b1 - 1: q (B, H, M, d) and q_rot = codec.rotate_query(q) ->
+    float32 (B, H, M, blocks).
+    In pairs (rope_mean.kernel_pairs, as tq_rope_bias): sum over pairs of A cos(c w) + B sin(c w), with
+    A = a_i q_i + a_p q_p and B = a_i q_p - a_p q_i from the query in the original domain; else the turned
+    means moved to the stored domain (any RopeMap)."""
+    c, blk = codec, codec.rope_block
+    if c.kernel_pairs() is None:
+        ids = np.concatenate([np.arange(fb), np.arange(b0, b1)]).astype(np.int32)
+        table = c.to_stored(rotate_at(c.rope_map, c.rope_mean, mx.array(ids * blk)[None, None], blk))
+        return q_rot @ mx.swapaxes(table, -1, -2)
+    ai, ap, lone, rp, rang = c.pair_coeffs
+    qi, qp = mx.take(q, rp[:, 0], axis=-1), mx.take(q, rp[:, 1], axis=-1)  # (B, H, M, NP)
+    ab = mx.concatenate([ai * qi + ap * qp, lone * (ai * qp - ap * qi)], axis=-1)
+    trig = _trig(rang, blk, b1)
+    rows = trig[b0:b1] if fb == 0 else mx.concatenate([trig[:fb], trig[b0:b1]])
+    return ab @ rows.T
+
+
+def pair_coeffs(pairs, n_heads: int):
+    """kernel_pairs' mean as `_block_scores` reads it: (a_i, a_p with lone coordinates' zeroed, 0 for a lone
+    coordinate else 1: float32 (1 or B, H, 1, NP); rp int32 (NP, 2); angles numpy float32 (NP,))."""
+    ra, rp, rang = pairs
+    ra = ra.reshape(-1, n_heads, 1, *ra.shape[-2:])
+    rp_host = np.array(rp)
+    pair = mx.array((rp_host[:, 0] != rp_host[:, 1]).astype(np.float32))
+    return ra[..., 0], ra[..., 1] * pair, pair, rp, np.array(rang)
+
+
+class AtPositions:
+    """A RoPE-centred key codec bound to positions: token t of an encoding at position start + t, `start` an int,
+    or one per batch row (a list: a batch's stacked codec).  keep_positions: encodings also hold their positions
+    ("pos", int32 (B, 1, n): codes in a ring, whose slots are not in position order), and reading uses them;
+    span (first, last, front) then bounds them: every slot holds one of the `front` first positions (a ring's
+    kept tokens) or a position in first .. last.  Every other attribute is the codec's."""
+
+    def __init__(self, codec, start, keep_positions: bool = False, span=None):
+        self.codec, self.start, self.keep_positions, self.span = codec, start, keep_positions, span
 
     def __getattr__(self, name):
         return getattr(self.codec, name)
 
+    def _starts(self) -> mx.array:
+        """start as int32 (1 or B, 1, 1)."""
+        return mx.array(self.start if isinstance(self.start, (list, tuple)) else [self.start], mx.int32)[:, None, None]
+
+    def positions(self, enc: dict, n: int) -> mx.array:
+        """The position of each of the n slots of enc: int32 (B or 1, 1, n)."""
+        return enc["pos"][..., :n] if "pos" in enc else self._starts() + mx.arange(n, dtype=mx.int32)
+
     def turned(self, enc: dict, n: int) -> mx.array:
         """R_t mu in the stored domain for the n tokens of enc: float32 (B or 1, H, n, d)."""
         c = self.codec
-        pos = enc["pos"] if "pos" in enc else positions(self.start, n)
-        return c.to_stored(rotate_at(c.rope_map, c.rope_mean, pos, c.rope_block))
+        return c.to_stored(rotate_at(c.rope_map, c.rope_mean, self.positions(enc, n), c.rope_block))
 
     def encode(self, x: mx.array) -> dict:
         c, n = self.codec, x.shape[2]
         if n == 1:  # a decode step: its block's mean, taken off by the encode kernel where it runs
             out = c.encode_centred(x, turned_mean(c, self.start))
         else:
+            if isinstance(self.start, (list, tuple)):
+                raise ValueError("a batch's codec encodes one token per row at a time")
             turned = rotate(c.rope_map, c.rope_mean, self.start, n, c.rope_block)
             out = c.encode_centred(x.astype(mx.float32) - turned)
         if self.keep_positions:
-            out["pos"] = mx.broadcast_to(positions(self.start, n), (x.shape[0], 1, n))
+            out["pos"] = mx.broadcast_to(self._starts() + mx.arange(n, dtype=mx.int32), (x.shape[0], 1, n))
         return out
+
+    def rotate_query(self, q: mx.array) -> mx.array:
+        """The codec's, keeping q: `mean_scores` then reads it as it is, instead of rotating back."""
+        q_rot = self.codec.rotate_query(q)
+        self._query = (q, q_rot)
+        return q_rot
 
     def decode_stored(self, enc: dict) -> mx.array:
         y = self.codec.decode_stored(enc)
@@ -199,15 +264,39 @@ class AtPositions:
 
     def scores(self, q_rot: mx.array, enc: dict) -> mx.array:
         s = self.codec.scores(q_rot, enc)
-        return s + q_rot @ mx.swapaxes(self.turned(enc, s.shape[-1]), -1, -2)
+        return s + self.mean_scores(q_rot, enc, s.shape[-1])
+
+    def mean_scores(self, q_rot: mx.array, enc: dict, n: int) -> mx.array:
+        """<R q, R_c mu> for the n slots of enc: q_rot (B, H, M, d) -> float32 (B, H, M, n).  One term per block of
+        positions, for the blocks the slots can be in (as tq_rope_bias), expanded to the slots."""
+        blk = self.codec.rope_block
+        if self.span is not None:
+            first, last, front = self.span
+        elif "pos" in enc:
+            raise ValueError("reading a ring's RoPE-centred codes needs the span of their positions")
+        else:
+            starts = self.start if isinstance(self.start, (list, tuple)) else [self.start]
+            first, last, front = min(starts), max(starts) + n - 1, 0
+        fb = -(-front // blk)  # blocks of the front tokens, then blocks b0 .. b1 - 1
+        b0 = max(first // blk, fb)
+        b1 = max(last // blk + 1, b0)
+        kept = getattr(self, "_query", None)
+        q = kept[0] if kept is not None and kept[1] is q_rot else self.codec.unrotate_query(q_rot)
+        term = _block_scores(self.codec, q, q_rot, fb, b0, b1)  # (B, H, M, fb + b1 - b0)
+        if fb == 0 and "pos" not in enc and not isinstance(self.start, (list, tuple)):  # slots in order
+            off = self.start - b0 * blk
+            return (term if blk == 1 else mx.repeat(term, blk, axis=-1))[..., off : off + n]
+        bi = self.positions(enc, n) // blk
+        idx = mx.clip(mx.where(bi < fb, bi, bi - b0 + fb), 0, max(term.shape[-1] - 1, 0))[:, :, None]
+        return mx.take_along_axis(term, mx.broadcast_to(idx, (*term.shape[:3], n)), axis=-1)
 
     def accumulate(self, p: mx.array, enc: dict) -> mx.array:
         """The keys as values (MLA's latent attention): sum_t p_t (y~_t + R_t mu) in the stored domain."""
         return self.codec.accumulate(p, enc) + p @ self.turned(enc, p.shape[-1])
 
 
-def at(codec, start: int, keep_positions: bool = False):
-    """codec bound to positions from `start` when it is RoPE-centred, else codec itself."""
+def at(codec, start, keep_positions: bool = False, span=None):
+    """codec bound to positions from `start` (see AtPositions) when it is RoPE-centred, else codec itself."""
     if getattr(codec, "rope_mean", None) is None:
         return codec
-    return AtPositions(codec, start, keep_positions)
+    return AtPositions(codec, start, keep_positions, span)

@@ -24,7 +24,7 @@ from . import kernels
 from .affine_segment import AffineSegment
 from .codec import NORM_DTYPES
 from .packing import pack, packed_words, unpack
-from .rope_mean import host_mean, kernel_pairs
+from .rope_mean import host_mean, kernel_pairs, pair_coeffs
 from .rotation import HeadRotation, derive_seed, rotation_matrix
 from .trellis import ENCODE_BLOCK, TrellisSegment
 
@@ -159,7 +159,7 @@ class TurboQuant:
     head_offset: the global index of head 0 (a tensor-parallel rank holds heads
     head_offset .. head_offset + n_heads - 1): every per-head seed derives from the global index.
     use_kernels: encode through the tq_encode (tq_viterbi for trellis codes) Metal kernel where it applies.
-    rope: optional (RopeMap, mu (H, d), block): RoPE-aware centring of keys (rope_mean.py) instead of `mean`,
+    rope: optional (RopeMap, mu ((B,) H, d), block): RoPE-aware centring of keys (rope_mean.py) instead of `mean`,
     the mean turned to the centre of each block of `block` positions; the codes then depend on positions,
     so only `rope_mean.at(codec, start)` encodes and reads them.
     Research options (not in CodecSpec): qjl_kind, norm_dtype, norm_correction.
@@ -228,14 +228,15 @@ class TurboQuant:
         self._cuts = np.cumsum(sizes)[:-1].tolist()
         self.encode_block = ENCODE_BLOCK if grid == "trellis" else 1
         self.mean = None if mean is None else mx.array(mean).astype(mx.float32)
-        if rope is not None and (mean is not None or batch):
-            raise ValueError("RoPE-aware centring replaces the static mean and is not built for batch rows")
+        if rope is not None and mean is not None:
+            raise ValueError("RoPE-aware centring replaces the static mean")
         self.rope_map, self.rope_mean, self.rope_block = (
             (None, None, 1) if rope is None else (rope[0], mx.array(rope[1], mx.float32), int(rope[2]))
         )
         # RoPE-centred keys: the mean as the kernels read it and a host copy (decode steps need no sync)
         self._pairs = None if rope is None else kernel_pairs(self.rope_map, self.rope_mean)
         self.host_mean = None if rope is None else host_mean(self.rope_map, self.rope_mean)
+        self.pair_coeffs = None if self._pairs is None else pair_coeffs(self._pairs, n_heads)
         self.weight = None if weight is None else mx.array(weight).astype(mx.float32)
         self.full_weight = self.weight is not None and self.weight.ndim == 3 + bool(batch)
         self._winv = None
@@ -245,7 +246,7 @@ class TurboQuant:
         self.kernel_encode = use_kernels and self.kernel_encodes()  # the caller decides
         self._maps = {}
         # the kernels' constant rows: one per head, or per (batch row, head) when a constant has a batch axis
-        rows = [a.shape[0] for a in (mean, weight, perm) if batch and a is not None]
+        rows = [a.shape[0] for a in (mean, weight, perm, self.rope_mean) if batch and a is not None]
         self.kernel_rows = n_heads * max(rows, default=1)
         zeros = mx.zeros((self.kernel_rows, d))
         # what tq_encode subtracts and the decode adds back: (kernel_rows, d)
@@ -275,7 +276,8 @@ class TurboQuant:
         extra = 0 if self.mean is None else self.mean.nbytes + self.mean_rot.nbytes
         extra += 0 if self.weight is None else self.weight.nbytes * (1 + (self._winv is not None))
         if self.rope_mean is not None:
-            extra += self.rope_mean.nbytes + sum(a.nbytes for a in (*self.rope_map, *(self._pairs or ())))
+            held = (*self.rope_map, *(self._pairs or ()), *(self.pair_coeffs or ())[:3])
+            extra += self.rope_mean.nbytes + sum(a.nbytes for a in held)
         return extra + self.rotation.nbytes + sum(s.side_nbytes for s in self.segments)
 
     @property
@@ -287,7 +289,7 @@ class TurboQuant:
         """Every array the codec holds."""
         out = [a for a in (self.mean, self.mean_rot, self.weight, self._winv, self.rope_mean) if a is not None]
         out += [] if self.rope_map is None else list(self.rope_map)
-        out += list(self._pairs or ())
+        out += list(self._pairs or ()) + list((self.pair_coeffs or ())[:3])
         out += [self.kernel_mean, self.kernel_mean_rot]
         out += [data for _, data in self.rotation.blocks]
         out += [a for a in (self.rotation.perm, self.rotation.inv_perm) if a is not None]
@@ -438,6 +440,13 @@ class TurboQuant:
         if self.weight is not None:
             q = q @ self._matrices(self._winv) if self.full_weight else q / self._per_head(self.weight)
         return self.rotation.forward(q)
+
+    def unrotate_query(self, q_rot: mx.array) -> mx.array:
+        """q back from rotate_query(q): (B, H, M, d) float32."""
+        q = self.rotation.inverse(q_rot)
+        if self.weight is None:
+            return q
+        return q @ self._matrices(self.weight) if self.full_weight else q * self._per_head(self.weight)
 
     def scores(self, q_rot: mx.array, enc: dict) -> mx.array:
         """<R q, y~_t>: q_rot (B, H, M, d) -> (B, H, M, T) float32."""
