@@ -114,6 +114,16 @@ def test_perplexity_matches_direct(smol):
     assert quality.compare(lp, lp, ids)["kl_mean"] == pytest.approx(0, abs=1e-6)
 
 
+def test_kl_past_quant_start_averages_only_the_positions_a_cache_codes():
+    def log_softmax(x):
+        return x - mx.logsumexp(x, axis=-1, keepdims=True)
+
+    ref = log_softmax(mx.random.normal((10, 5), key=mx.random.key(0)))
+    lp = mx.concatenate([ref[:6], log_softmax(mx.random.normal((4, 5), key=mx.random.key(1)))])
+    got = quality.compare(ref, lp, list(range(10)), coded_from=6)
+    assert got["kl_coded"] > 0 and got["kl_mean"] == pytest.approx(got["kl_coded"] * 4 / 10, rel=1e-5)
+
+
 @pytest.mark.model
 def test_quality_cli(tmp_path, text):
     out = tmp_path / "out"

@@ -82,7 +82,7 @@ def test_reload_with_an_equivalent_explicit_config_is_accepted(smol, tmp_path):
     cache = tq_mlx.make_prompt_cache(model, "k4v4")
     greedy(model, tok.encode(PROMPTS[0]), cache, 2)
     save_prompt_cache(str(tmp_path / "c.safetensors"), cache)
-    same = tq_mlx.CacheConfig(keys=tq_mlx.CodecSpec(bits=4), values=tq_mlx.CodecSpec(bits=4))
+    same = tq_mlx.CacheConfig(keys=tq_mlx.CodecSpec(bits=4, center="rope"), values=tq_mlx.CodecSpec(bits=4))
     assert len(tq_mlx.load_prompt_cache(tmp_path / "c.safetensors", model=model, config=same)) == len(cache)
 
 

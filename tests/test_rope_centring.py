@@ -89,9 +89,9 @@ def _key_error(config, rmap, keys, values):
 def test_rope_centring_removes_the_turning_mean_that_a_static_mean_leaves():
     rmap, keys, values = _rope_keys(258)
     _, noise, _ = _rope_keys(258, mu_scale=0.0)
-    floor = _key_error("k4v4", rmap, noise, values)  # the keys without their mean: what the noise costs
-    assert _key_error("k4v4-rope", rmap, keys, values) < 1.2 * floor
-    assert _key_error("k4v4", rmap, keys, values) > 2 * floor
+    floor = _key_error("k4v4-static", rmap, noise, values)  # the keys without their mean: what the noise costs
+    assert _key_error("k4v4", rmap, keys, values) < 1.2 * floor
+    assert _key_error("k4v4-static", rmap, keys, values) > 2 * floor
 
 
 def test_prefill_and_decode_on_rope_centred_codes_match_exact_attention_at_8_bits():
@@ -168,7 +168,7 @@ def test_a_saved_rope_centred_cache_reloads_to_the_same_attention(tmp_path):
     assert mx.array_equal(outs[0], outs[1])
 
 
-def test_kxvy_rope_names_resolve_to_rope_centred_keys_and_static_values():
+def test_kxvy_rope_names_still_resolve_to_rope_centred_keys_and_static_values():
     cfg = tq_mlx.resolve_config("k3v3-tcq-rope")
     assert cfg.keys.center == "rope" and cfg.values.center is True and cfg.keys.grid == "trellis"
     with pytest.raises(ValueError, match="center must be"):
@@ -177,9 +177,9 @@ def test_kxvy_rope_names_resolve_to_rope_centred_keys_and_static_values():
 
 def test_smollm2_full_attention_layers_get_its_rope(smol):
     model, _ = smol
-    cache = tq_mlx.make_prompt_cache(model, "k4v4-rope")
+    cache = tq_mlx.make_prompt_cache(model, "k4v4")
     assert all(c.rope is not None for c in cache)
-    assert all(c.rope is None for c in tq_mlx.make_prompt_cache(model, "k4v4"))
+    assert all(c.rope is None for c in tq_mlx.make_prompt_cache(model, "k4v4-static"))
     assert "keys centred before RoPE" in tq_mlx.describe_cache(cache)[0]
 
 
@@ -191,8 +191,8 @@ def test_rope_centring_lowers_smollm2_kl_on_real_text(smol):
     model, tok = smol
     ids = quality.text_tokens(tok, texts.path("pride_and_prejudice"), 512)
     ref = teacher_forced(model, ids, mlx_cache.make_prompt_cache(model))
-    static, _ = kl_and_top1(ref, teacher_forced(model, ids, tq_mlx.make_prompt_cache(model, "k4v4")))
-    turned, _ = kl_and_top1(ref, teacher_forced(model, ids, tq_mlx.make_prompt_cache(model, "k4v4-rope")))
+    static, _ = kl_and_top1(ref, teacher_forced(model, ids, tq_mlx.make_prompt_cache(model, "k4v4-static")))
+    turned, _ = kl_and_top1(ref, teacher_forced(model, ids, tq_mlx.make_prompt_cache(model, "k4v4")))
     assert turned < 0.8 * static
 
 

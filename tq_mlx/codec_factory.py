@@ -81,15 +81,18 @@ def _turboquant(spec, cfg, d, n_heads, layer, part, calib, use_kernels, batch, h
     rope = _rope_centring(spec, part, calib)
     mean = calib.get("mean", lambda: channel_mean(calib.x)) if spec.center and rope is None else None
     weight = None
+
+    def centred():
+        """calib.x less its turned mean (RoPE-centred keys), else calib.x."""
+        return calib.x if rope is None else calib.x - rotate(rope[0], rope[1], 0, calib.x.shape[2], rope[2])
+
     if part == "k" and spec.query_weighting:
         fn = query_whitening if spec.query_weighting == "full" else query_weights
 
         def learn():
             if calib.queries is None:
                 return None
-            if rope is None:
-                return fn(calib.x, calib.queries, mean)
-            return fn(calib.x - rotate(rope[0], rope[1], 0, calib.x.shape[2], rope[2]), calib.queries)
+            return fn(calib.x, calib.queries, mean) if rope is None else fn(centred(), calib.queries)
 
         weight = calib.get("weight", learn)
     common = dict(
@@ -109,7 +112,7 @@ def _turboquant(spec, cfg, d, n_heads, layer, part, calib, use_kernels, batch, h
     if spec.bits == int(spec.bits):
         return TurboQuant(d, n_heads, int(spec.bits), **common)
     sizes, seg_bits = split_sizes(spec.bits, d)
-    perm = calib.get("perm", lambda: outlier_channels(calib.x if mean is None else calib.x - mean[:, None]))
+    perm = calib.get("perm", lambda: outlier_channels(centred() if mean is None else calib.x - mean[:, None]))
     return TurboQuant(d, n_heads, seg_bits, sizes, perm=perm, **common)
 
 

@@ -35,7 +35,8 @@ class CodecSpec:
     center: subtract a per-(layer, head) channel mean learnt from the first tokens before
         encoding; added back exactly in attention (TurboQuant only).  "rope" (keys): the mean taken
         before the layer's rotary embedding, turned to each key's position (rope_mean.py); it applies
-        to full-attention layers whose RoPE is known, others keep the static mean.
+        to full-attention layers whose RoPE is known, others keep the static mean.  Every kXvY preset
+        centres its keys with "rope" (kXvY-static: True); a CodecSpec built by hand defaults to True.
     query_weighting: keys only: scale channels by (E q^2 / E k^2)^(1/4), learnt
         from the first queries and keys, and divide queries by the same weights
         (scores unchanged; quantization noise moved off the channels queries use).
@@ -121,8 +122,9 @@ class CacheConfig:
         return cls(**{**d, "keys": CodecSpec(**d["keys"]), "values": CodecSpec(**d["values"])})
 
 
-def _kv(kb, vb, center=True, **kw):
-    """kXvY: center="rope" applies to the keys (values have no RoPE: static mean)."""
+def _kv(kb, vb, center="rope", **kw):
+    """kXvY: keys centred before RoPE (center="rope", the default) or after (True, -static); values have no RoPE
+    (a static mean)."""
     return CacheConfig(keys=CodecSpec(bits=kb, center=center, **kw), values=CodecSpec(bits=vb, **kw))
 
 
@@ -140,9 +142,6 @@ PRESETS = {
     "k8v8-fast": _kv(8, 8, grid="uniform"),
     "k4v4-fast": _kv(4, 4, grid="uniform"),
     "k4v3-fast": _kv(4, 3, grid="uniform"),
-    "k4v4-rope": _kv(4, 4, center="rope"),
-    "k3v3-rope": _kv(3, 3, center="rope"),
-    "k2v2-rope": _kv(2, 2, center="rope"),
     "k4v4-tcq": _kv(4, 4, grid="trellis"),
     "k3v3-tcq": _kv(3, 3, grid="trellis"),
     "k2v2-tcq": _kv(2, 2, grid="trellis"),
@@ -166,7 +165,7 @@ def auto_preset(head_dims=()) -> str:
     return "k4v4-fast"
 
 
-_KV_RE = re.compile(r"^k(\d(?:\.\d+)?)v(\d(?:\.\d+)?)(-fast|-tcq)?(-rope)?$")
+_KV_RE = re.compile(r"^k(\d(?:\.\d+)?)v(\d(?:\.\d+)?)(-fast|-tcq)?(-rope|-static)?$")
 _SUFFIX_GRID = {None: "lloyd-max", "-fast": "uniform", "-tcq": "trellis"}
 
 
@@ -189,12 +188,13 @@ def resolve_config(config=None, *, head_dims=(), **overrides) -> CacheConfig:
             cfg = PRESETS[config]
         elif m := _KV_RE.match(config):
             kb, vb = (float(g) if "." in g else int(g) for g in m.groups()[:2])
-            center = "rope" if m.group(4) else True
+            center = True if m.group(4) == "-static" else "rope"
             cfg = replace(_kv(kb, vb, center, grid=_SUFFIX_GRID[m.group(3)]), name=config)
         else:
             raise ValueError(
                 f"unknown KV preset {config!r}; allowed: {', '.join(PRESETS)}, or 'kXvY' with X, Y in 1..8 "
-                "(-fast: the uniform grid, -tcq: trellis codes; then -rope: RoPE-aware key centring)"
+                "(-fast: the uniform grid, -tcq: trellis codes; then -static: the keys' mean taken after RoPE "
+                "instead of before it; -rope, the default, may be written)"
             )
     else:
         raise TypeError(f"config must be a preset name or a CacheConfig, got {type(config).__name__}")
