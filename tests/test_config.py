@@ -15,7 +15,9 @@ def test_presets_centre_keys_before_rope_unless_static():
     for name in ("k4v4", "k3v3", "k2v2", "k4v4-fast", "k3v3-tcq", "2.5", "k5v3"):
         cfg = resolve_config(name)
         assert cfg.keys.center == "rope" and cfg.values.center is True, name
-    assert resolve_config("k4v4-static").keys.center is True and resolve_config("k3v3-fast-static").keys.grid == "uniform"
+    assert (
+        resolve_config("k4v4-static").keys.center is True and resolve_config("k3v3-fast-static").keys.grid == "uniform"
+    )
 
 
 def test_an_override_that_changes_a_preset_renames_it():

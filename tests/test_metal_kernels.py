@@ -310,14 +310,16 @@ def test_rope_centred_decode_on_the_kernels_matches_the_reference(config, D, G, 
     assert ran and all(ran)  # the kernels served it (no fallback to the reference path)
 
 
-def test_rope_bias_kernel_turns_the_mean_to_block_centres_far_out():
-    """tq_rope_bias against rope_mean.rotate at positions 32000+ (its phasors step 16 blocks from one sincos)."""
+@pytest.mark.parametrize("dims", [64, 32])
+def test_rope_bias_kernel_turns_the_mean_to_block_centres_far_out(dims):
+    """tq_rope_bias against rope_mean.rotate at positions 32000+ (its phasors step 16 blocks from one sincos);
+    RoPE on 32 of 64 dims: coordinates that do not turn."""
     import mlx.nn as nn
 
     from tq_mlx.rope_mean import kernel_pairs, probe, rotate
 
     D, H, G, b0, nb = 64, 2, 3, 2000, 21
-    rmap = probe(nn.RoPE(D, base=10000.0), D)
+    rmap = probe(nn.RoPE(dims, base=10000.0), D)
     mu = 3 * mx.random.normal((H, D), key=mx.random.key(4))
     q = mx.random.normal((1, H * G, 1, D), key=mx.random.key(5))
     with emulated():

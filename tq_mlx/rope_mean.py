@@ -127,9 +127,9 @@ def probe(rope, d: int):
 
 def kernel_pairs(rmap: RopeMap, mu: mx.array):
     """The mean as tq_rope_bias reads it: (ra float32 (CH, NP, 2): a_i = s_i mu_i, a_p = s_p mu_p per head (CH = H, or
-    B * H for a batch's means (B, H, d), row b * H + h) and pair (i, p); rp int32 (NP, 2): the pairs; rang float32
-    (NP,): the angle of i, p turning by minus it), or None when the map is not in such pairs (a coordinate turning
-    on its own, or a pair whose angles are not opposite)."""
+    B * H for a batch's means (B, H, d), row b * H + h) and pair (i, p), a_p = 0 for a coordinate on its own (it does
+    not turn); rp int32 (NP, 2): the pairs; rang float32 (NP,): the angle of i, p turning by minus it), or None when
+    the map is not in such pairs (a coordinate turning on its own, or a pair whose angles are not opposite)."""
     partner, angle = np.array(rmap.partner), np.array(rmap.angle)
     lead = [i for i in range(len(partner)) if partner[i] >= i]
     for i in lead:
@@ -138,7 +138,8 @@ def kernel_pairs(rmap: RopeMap, mu: mx.array):
             return None
     rp = np.array([[i, partner[i]] for i in lead], np.int32)
     a = (rmap.scale * mu).reshape(-1, mu.shape[-1])
-    ra = mx.stack([a[:, mx.array(rp[:, 0])], a[:, mx.array(rp[:, 1])]], axis=-1)
+    pair = mx.array((rp[:, 0] != rp[:, 1]).astype(np.float32))
+    ra = mx.stack([a[:, mx.array(rp[:, 0])], a[:, mx.array(rp[:, 1])] * pair], axis=-1)
     return ra.astype(mx.float32), mx.array(rp), mx.array(angle[rp[:, 0]].astype(np.float32))
 
 
@@ -192,22 +193,14 @@ def _block_scores(codec, q: mx.array, q_rot: mx.array, fb: int, b0: int, b1: int
         ids = np.concatenate([np.arange(fb), np.arange(b0, b1)]).astype(np.int32)
         table = c.to_stored(rotate_at(c.rope_map, c.rope_mean, mx.array(ids * blk)[None, None], blk))
         return q_rot @ mx.swapaxes(table, -1, -2)
-    ai, ap, lone, rp, rang = c.pair_coeffs
+    ra, rp, _ = c.kernel_pairs()
+    ra = ra.reshape(-1, c.n_heads, 1, *ra.shape[-2:])
+    ai, ap = ra[..., 0], ra[..., 1]  # (1 or B, H, 1, NP); a lone coordinate's B term meets sin(0) = 0
     qi, qp = mx.take(q, rp[:, 0], axis=-1), mx.take(q, rp[:, 1], axis=-1)  # (B, H, M, NP)
-    ab = mx.concatenate([ai * qi + ap * qp, lone * (ai * qp - ap * qi)], axis=-1)
-    trig = _trig(rang, blk, b1)
+    ab = mx.concatenate([ai * qi + ap * qp, ai * qp - ap * qi], axis=-1)
+    trig = _trig(c.pair_angles, blk, b1)
     rows = trig[b0:b1] if fb == 0 else mx.concatenate([trig[:fb], trig[b0:b1]])
     return ab @ rows.T
-
-
-def pair_coeffs(pairs, n_heads: int):
-    """kernel_pairs' mean as `_block_scores` reads it: (a_i, a_p with lone coordinates' zeroed, 0 for a lone
-    coordinate else 1: float32 (1 or B, H, 1, NP); rp int32 (NP, 2); angles numpy float32 (NP,))."""
-    ra, rp, rang = pairs
-    ra = ra.reshape(-1, n_heads, 1, *ra.shape[-2:])
-    rp_host = np.array(rp)
-    pair = mx.array((rp_host[:, 0] != rp_host[:, 1]).astype(np.float32))
-    return ra[..., 0], ra[..., 1] * pair, pair, rp, np.array(rang)
 
 
 class AtPositions:

@@ -24,7 +24,7 @@ from . import kernels
 from .affine_segment import AffineSegment
 from .codec import NORM_DTYPES
 from .packing import pack, packed_words, unpack
-from .rope_mean import host_mean, kernel_pairs, pair_coeffs
+from .rope_mean import host_mean, kernel_pairs
 from .rotation import HeadRotation, derive_seed, rotation_matrix
 from .trellis import ENCODE_BLOCK, TrellisSegment
 
@@ -236,7 +236,8 @@ class TurboQuant:
         # RoPE-centred keys: the mean as the kernels read it and a host copy (decode steps need no sync)
         self._pairs = None if rope is None else kernel_pairs(self.rope_map, self.rope_mean)
         self.host_mean = None if rope is None else host_mean(self.rope_map, self.rope_mean)
-        self.pair_coeffs = None if self._pairs is None else pair_coeffs(self._pairs, n_heads)
+        # the pairs' angles on the host: the reference path's [cos | sin] table (rope_mean._trig) is keyed by them
+        self.pair_angles = None if self._pairs is None else np.array(self._pairs[2])
         self.weight = None if weight is None else mx.array(weight).astype(mx.float32)
         self.full_weight = self.weight is not None and self.weight.ndim == 3 + bool(batch)
         self._winv = None
@@ -276,8 +277,7 @@ class TurboQuant:
         extra = 0 if self.mean is None else self.mean.nbytes + self.mean_rot.nbytes
         extra += 0 if self.weight is None else self.weight.nbytes * (1 + (self._winv is not None))
         if self.rope_mean is not None:
-            held = (*self.rope_map, *(self._pairs or ()), *(self.pair_coeffs or ())[:3])
-            extra += self.rope_mean.nbytes + sum(a.nbytes for a in held)
+            extra += self.rope_mean.nbytes + sum(a.nbytes for a in (*self.rope_map, *(self._pairs or ())))
         return extra + self.rotation.nbytes + sum(s.side_nbytes for s in self.segments)
 
     @property
@@ -289,7 +289,7 @@ class TurboQuant:
         """Every array the codec holds."""
         out = [a for a in (self.mean, self.mean_rot, self.weight, self._winv, self.rope_mean) if a is not None]
         out += [] if self.rope_map is None else list(self.rope_map)
-        out += list(self._pairs or ()) + list((self.pair_coeffs or ())[:3])
+        out += list(self._pairs or ())
         out += [self.kernel_mean, self.kernel_mean_rot]
         out += [data for _, data in self.rotation.blocks]
         out += [a for a in (self.rotation.perm, self.rotation.inv_perm) if a is not None]
