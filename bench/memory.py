@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx_lm.models import cache as mlx_cache
 
 import tq_mlx
+from tq_mlx import rope_mean
 from tq_mlx.calibration import QueryStats
 from tq_mlx.codec_factory import Calibration, build_codec
 from tq_mlx.store import STEP
@@ -62,10 +64,18 @@ def codec_cost(spec, cfg, h, d, layer, part):
     return sum(a.nbytes for a in codec.encode(x[:, :, :1]).values())
 
 
+def stand_in_rope(cfg, d):
+    """A RoPE map for the model's caches when the config centres keys before RoPE (every kXvY preset): a plain
+    RoPE over all d dims, whose map holds as many bytes as any RoPE of mlx-lm's on all dims; else None."""
+    if cfg.keys.codec != "turboquant" or cfg.keys.center != "rope":
+        return None
+    return rope_mean.probe(nn.RoPE(d), d)
+
+
 def layer_constant(cfg, layer, h, d, window=None):
-    """Per-layer constant bytes (rotations, QJL matrices, HQMQ tables, learnt calibration) as the cache
-    counts them: nbytes of a calibrated cache minus its token stores."""
-    c = tq_mlx.TurboQuantKVCache(cfg, layer, max_size=window)
+    """Per-layer constant bytes (rotations, QJL matrices, HQMQ tables, learnt calibration, a RoPE map) as the
+    cache counts them: nbytes of a calibrated cache minus its token stores."""
+    c = tq_mlx.TurboQuantKVCache(cfg, layer, max_size=window, rope=stand_in_rope(cfg, d))
     x = mx.random.normal((1, h, max(1 + cfg.fp_sink + cfg.fp_window, cfg.quant_start), d))
     c.update_and_fetch(x, x)
     quality.settle(c)
@@ -108,6 +118,7 @@ def layer_model(name, kinds, h, d, fp_bytes=2, boundary=0):
             out.append(Layer("fp", fp_tok, window=w))
             continue
         tok = codec_cost(cfg.keys, cfg, h, d, i, "k") + codec_cost(cfg.values, cfg, h, d, i, "v")
+        tok += 4 if w is not None and stand_in_rope(cfg, d) is not None else 0  # a ring's positions, int32
         probe = tq_mlx.TurboQuantKVCache(cfg, i, max_size=w)
         out.append(
             Layer(
@@ -163,7 +174,7 @@ def measure(model, name, kinds, h, d, context, dtype, boundary=0):
             elif fp or name in quality.BASELINES:
                 cache.append(mlx_cache.KVCache() if w is None else mlx_cache.RotatingKVCache(w, keep=0))
             else:
-                cache.append(tq_mlx.TurboQuantKVCache(cfg, i, max_size=w))
+                cache.append(tq_mlx.TurboQuantKVCache(cfg, i, max_size=w, rope=stand_in_rope(cfg, d)))
     total = 0
     for c, w in zip(cache, kinds):
         n = context if w is None else min(context, w)

@@ -67,7 +67,8 @@ def test_memory_config_model_matches_nbytes(tmp_path):
         assert set(r["total"]) == {"256", "1024"}
     # sliding layers hold their window: at 1024 tokens the fp cache is (2 * 1024 + 2 * 256) tokens x layer bytes
     assert e["fp"]["total"]["1024"] == (2 * 1024 + 2 * 256) * 2 * 64 * 2 * 2
-    assert e["k4v4"]["bpe"] == pytest.approx(4.25)
+    # 4.25 bits, plus in the sliding layers (half) each ring slot's position (int32 per token, keys centred before RoPE)
+    assert e["k4v4"]["bpe"] == pytest.approx(4.25 + 0.5 * 32 / (2 * 2 * 64))
     assert e["k4v4"]["total"]["1024"] < e["affine4"]["total"]["1024"] < e["fp"]["total"]["1024"]
     # boundary layers keep the fp cache
     argv += ["--boundary-layers", "1", "--tag", "mem-b"]
