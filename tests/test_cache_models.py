@@ -86,6 +86,16 @@ def test_reload_with_an_equivalent_explicit_config_is_accepted(smol, tmp_path):
     assert len(tq_mlx.load_prompt_cache(tmp_path / "c.safetensors", model=model, config=same)) == len(cache)
 
 
+def test_a_cache_saved_with_the_old_static_k4v4_is_refused_as_k4v4_with_the_name_that_loads_it(smol, tmp_path):
+    model, tok = smol
+    old = tq_mlx.make_prompt_cache(model, tq_mlx.resolve_config("k4v4-static", name="k4v4"))  # a file of before
+    greedy(model, tok.encode(PROMPTS[0]), old, 2)
+    save_prompt_cache(str(tmp_path / "c.safetensors"), old)
+    with pytest.raises(tq_mlx.CacheStateError, match="config='k4v4-static'"):
+        tq_mlx.load_prompt_cache(tmp_path / "c.safetensors", model=model, config="k4v4")
+    assert len(tq_mlx.load_prompt_cache(tmp_path / "c.safetensors", model=model, config="k4v4-static")) == len(old)
+
+
 def test_trim_then_regenerate_matches_a_fresh_run(smol):
     model, tok = smol
     ids = tok.encode("Once upon a time, in a small village, there lived an old baker who")

@@ -9,6 +9,7 @@ layers are kept as they are.  Every attention path a model may take is served
 """
 
 import logging
+from dataclasses import replace
 
 from mlx_lm.models import cache as mlx_cache
 
@@ -164,9 +165,16 @@ def load_prompt_cache(path, model=None, config=None, return_metadata=False, grou
         want = resolve_config(config)
         for c in cache:
             if isinstance(c, TurboQuantKVCache) and c.config != want:
+                hint = ""
+                if c.config == replace(want, keys=replace(want.keys, center=True)):  # saved before the presets' turn
+                    static = want.name.split("+")[0] + "-static"
+                    hint = (
+                        "; its keys' mean was taken after RoPE (the presets' before 2026-12-01, now '-static'): "
+                        f"load it with config={static!r} (and the same options), or with no config"
+                    )
                 raise CacheStateError(
                     f"{path}: saved with KV config {c.config.name!r}, expected {want.name!r} "
-                    f"(they differ in content: {c.config.to_json()} vs {want.to_json()})"
+                    f"(they differ in content: {c.config.to_json()} vs {want.to_json()}){hint}"
                 )
     return (cache, meta) if return_metadata else cache
 
