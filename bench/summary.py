@@ -1,7 +1,7 @@
 """One table from many `tq-bench quality` runs: mean KL (and top-1) per model, text and length, one column
 per cache, so that a method is judged on every text at once.
 
-    python -m tq_mlx.bench.summary bench/results/q13-*.json [--metric kl_mean|top1|ppl] [--out table.md]
+    python -m tq_mlx.bench.summary bench/results/q13-*.json [--metric kl_mean|kl_coded|top1|ppl] [--out table.md]
 """
 
 import argparse
@@ -37,7 +37,7 @@ def table(rows, caches, metric: str = "kl_mean", bits: bool = True) -> str:
             elif "error" in e:
                 line[c] = "error"
             else:
-                line[c] = report.fmt(e[metric], 4)
+                line[c] = report.fmt(e[metric], 4) if metric in e else "-"  # kl_coded: runs since 2026-12-01
         held = [report.fmt(r[c]["bpe_model"], 4) for c in caches if c != "fp" and "bpe_model" in r.get(c, {})]
         line["bits"] = " / ".join(held)
         out.append(line)
@@ -51,7 +51,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("files", nargs="+", help="quality JSON files written by tq-bench quality")
     p.add_argument("--caches", default=None, help="comma-separated caches to show (default: all, in file order)")
-    p.add_argument("--metric", default="kl_mean", choices=["kl_mean", "kl_max", "top1", "ppl"], help="what to show")
+    p.add_argument("--metric", default="kl_mean", choices=["kl_mean", "kl_coded", "kl_max", "top1", "ppl"], help="what to show")
     p.add_argument("--no-bits", action="store_true", help="leave out the whole-cache bits column")
     p.add_argument("--out", default=None, help="write the table here as well as printing it")
     args = p.parse_args(argv)
