@@ -19,6 +19,7 @@ import mlx.core as mx
 
 from . import report
 from .launches import fp_cache_launches, trace_step
+from .memory import stand_in_rope
 
 # M-series Max-class GPUs: (peak GB/s, GPU cores, GPU clock GHz) from Apple's published figures
 BATCH, BATCH_CHIP = 8, "M2 Max"  # the batch column: this many sequences decoding together on this chip
@@ -32,9 +33,10 @@ ASSUMPTIONS = {
 }
 
 
-def instructions_per_key_row(D: int, kb: int, vb: int, G: int, k_trellis=False, v_trellis=False) -> float:
+def instructions_per_key_row(D: int, kb: int, vb: int, G: int, k_trellis=False, v_trellis=False, rope=False) -> float:
     """tq_decode's instruction count per key row (per simdgroup step over KPI keys), by the same hand count
-    as the comment in metal_kernels/tq_decode.metal (78 at D=128, G=4, 4/4 bits; 87 with trellis codes)."""
+    as the comment in metal_kernels/tq_decode.metal (78 at D=128, G=4, 4/4 bits; 87 with trellis codes);
+    rope: keys centred before RoPE, with tq_rope_bias's share (about 83 in all at D=128, G=4)."""
     nc = D // 8
     lpk = 8 if nc <= 8 else 16 if nc <= 16 else 32
     kpi = 32 // lpk
@@ -50,7 +52,18 @@ def instructions_per_key_row(D: int, kb: int, vb: int, G: int, k_trellis=False, 
     reduce = sum(4 * (gh >> (s + 1)) for s in range(stages)) + 2 * ((lpk // gh).bit_length() - 1)
     scores, accumulate, weights, softmax, loop = 8 * gh, 8 * gh, 2 * gh, 8, 3
     step = unpack(kb, 3, k_trellis) + unpack(vb, 2, v_trellis) + scores + reduce + softmax + weights + accumulate + loop
-    return step / kpi
+    return step / kpi + (rope_instructions_per_key_row(D, G, kpi) if rope else 0.0)
+
+
+def rope_instructions_per_key_row(D: int, G: int, kpi: int, block: int = 16, tile: int = 16) -> float:
+    """What keys centred before RoPE add per key row, by the hand counts in metal_kernels/tq_decode.metal and
+    tq_rope_bias.metal: in tq_decode 4 per step (the block's index and address, a load of its term); in
+    tq_rope_bias per tile of `tile` blocks a phasor thread per pair (two sincos ~60, a complex step and
+    stores per block), a sum thread per (head, block) (two loads and two fma per pair) and ~40 to set up."""
+    pairs = D // 2
+    phasors = -(-pairs // 32) * (60 + 6 * tile)
+    sums = -(-(G * tile) // 32) * pairs * 4
+    return 4 / kpi + (phasors + sums + 40) / (tile * block)
 
 
 def step_bytes(preset: str, H: int, D: int, T: int) -> int:
@@ -90,7 +103,8 @@ def count_launches(preset: str, H: int, D: int, G: int):
     import tq_mlx
     from tq_mlx.attention import attention
 
-    cache = tq_mlx.TurboQuantKVCache(tq_mlx.resolve_config(preset, quant_start=0))
+    cfg = tq_mlx.resolve_config(preset, quant_start=0)
+    cache = tq_mlx.TurboQuantKVCache(cfg, rope=stand_in_rope(cfg, D))
     k = mx.random.normal((1, H, 80, D)).astype(mx.float16)
     cache.update_and_fetch(k, k)
     mx.eval(attention(cache, mx.random.normal((1, H * G, 80, D)).astype(mx.float16), D**-0.5, "causal"))
@@ -146,7 +160,8 @@ def measure(T, preset, Hq, H, D, repeats):
             lambda qk=qk, qv=qv, b=bits: quantized_scaled_dot_product_attention(q, qk, qv, D**-0.5, None, 64, b),
             repeats,
         )
-    cache = tq_mlx.TurboQuantKVCache(tq_mlx.resolve_config(preset, quant_start=0))
+    cfg = tq_mlx.resolve_config(preset, quant_start=0)
+    cache = tq_mlx.TurboQuantKVCache(cfg, rope=stand_in_rope(cfg, D))
     for s in range(0, T, 4096):
         cache.update_and_fetch(k[:, :, s : s + 4096], v[:, :, s : s + 4096])
         mx.eval(attention(cache, q, D**-0.5))
@@ -191,9 +206,9 @@ def main(argv=None):
 
         cfg = tq_mlx.resolve_config(preset)
         n, kernels_n = count_launches(preset, H, D, G)
-        instr = instructions_per_key_row(
-            D, int(cfg.keys.bits), int(cfg.values.bits), G, cfg.keys.grid == "trellis", cfg.values.grid == "trellis"
-        )
+        trellis = (cfg.keys.grid == "trellis", cfg.values.grid == "trellis")
+        rope = stand_in_rope(cfg, D) is not None
+        instr = instructions_per_key_row(D, int(cfg.keys.bits), int(cfg.values.bits), G, *trellis, rope=rope)
         per[preset] = {"launches": n, "kernel_launches": kernels_n, "instructions_per_key_row": instr}
     for T in contexts:
         fp_bytes = 2 * H * T * D * 2

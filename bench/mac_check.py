@@ -42,7 +42,8 @@ def _emulator():
 
 
 def instantiations(full: bool, metal: bool, dims=DIMS):
-    """(D, K bits, V bits, G, tokens, tiny) to check."""
+    """(D, K bits, V bits, G, tokens, tiny, static) to check; static: keys centred after RoPE (the -static presets,
+    and layers whose RoPE tq-mlx cannot read), else before it (the presets' default: tq_rope_bias runs too)."""
     yield from (i for i in _instantiations(full, metal) if i[0] in dims)
 
 
@@ -51,29 +52,32 @@ def _instantiations(full, metal):
         bits = [(b, b) for b in range(1, 9)] + [(4, 3), (8, 4), (4, 2), (3, 2)]
         heads = range(1, 9)
         big = 3000 if metal else 300
-        for D, (kb, vb), G in itertools.product(DIMS, bits, heads):
-            yield D, kb, vb, G, big, False
+        for D, (kb, vb), G, static in itertools.product(DIMS, bits, heads, (False, True)):
+            yield D, kb, vb, G, big, False, static
         for D in DIMS:
-            yield D, 4, 4, 4, 4, True
+            yield D, 4, 4, 4, 4, True, False
         return
     for D in DIMS:
         for G in (1, 4, 7):
-            yield D, 4, 3, G, 150, False
-        yield D, 4, 4, 4, 4, True
+            yield D, 4, 3, G, 150, False, False
+        yield D, 4, 4, 4, 150, False, True
+        yield D, 4, 4, 4, 4, True, False
     for kb, vb in ((1, 1), (2, 2), (3, 3), (5, 5), (6, 6), (7, 7), (8, 8)):
-        yield 128, kb, vb, 4, 150, False
+        yield 128, kb, vb, 4, 150, False, False
 
 
-def check(D, kb, vb, G, T, tiny, seed=0):
+def check(D, kb, vb, G, T, tiny, static=False, seed=0):
     """Max error of the kernel path against the reference path (relative to the output scale), or raises."""
     import tq_mlx
     from tq_mlx.attention import attention
     from tq_mlx.reference_attention import reference_attention
 
+    from .memory import stand_in_rope
+
     H = 2
-    cfg = tq_mlx.resolve_config(f"k{kb}v{vb}", quant_start=0, fp_window=2)
+    cfg = tq_mlx.resolve_config(f"k{kb}v{vb}{'-static' if static else ''}", quant_start=0, fp_window=2)
     os.environ["TQ_MLX_ATTENTION"] = "reference"
-    cache = tq_mlx.TurboQuantKVCache(cfg)
+    cache = tq_mlx.TurboQuantKVCache(cfg, rope=stand_in_rope(cfg, D))
     k = mx.random.normal((1, H, T, D), key=mx.random.key(seed))
     cache.update_and_fetch(k, k * 0.5)
     attention(cache, mx.random.normal((1, H * G, T, D), key=mx.random.key(seed + 1)), D**-0.5, "causal")
@@ -128,15 +132,15 @@ def main(args, base, argv):
     todo = list(instantiations(args.full, metal, tuple(int(d) for d in args.dims.split(","))))
     tol = 2e-5
     with patch if patch is not None else contextlib.nullcontext():
-        for D, kb, vb, G, T, tiny in tqdm(todo, desc="instantiations", disable=args.no_progress):
-            key = f"D{D}-k{kb}v{vb}-G{G}-T{T}{'-tiny' if tiny else ''}"
+        for D, kb, vb, G, T, tiny, static in tqdm(todo, desc="instantiations", disable=args.no_progress):
+            key = f"D{D}-k{kb}v{vb}{'-static' if static else ''}-G{G}-T{T}{'-tiny' if tiny else ''}"
             if res.done(key):
                 continue
-            rec = {"D": D, "kb": kb, "vb": vb, "G": G, "T": T, "tiny": tiny}
+            rec = {"D": D, "kb": kb, "vb": vb, "static": static, "G": G, "T": T, "tiny": tiny}
             kernels._VERIFIED.clear()
             try:
                 t = time.perf_counter()
-                rec["max_err"] = check(D, kb, vb, G, T, tiny)
+                rec["max_err"] = check(D, kb, vb, G, T, tiny, static)
                 rec["seconds"] = time.perf_counter() - t
                 rec["ok"] = rec["max_err"] <= tol and not any(v is False for v in kernels._VERIFIED.values())
                 if not rec["ok"] and rec["max_err"] <= tol:
@@ -159,8 +163,10 @@ def main(args, base, argv):
     )
     sections = [("Summary", summary + ("" if metal else " Timings need a Mac: none were measured here."))]
     if bad:
-        sections.append(("Failures", report.md_table(bad, ["D", "kb", "vb", "G", "T", "tiny", "max_err", "error"])))
-    sections.append(("Instantiations", report.md_table(rows, ["D", "kb", "vb", "G", "T", "tiny", "max_err", "ok"])))
+        cols = ["D", "kb", "vb", "static", "G", "T", "tiny", "max_err", "error"]
+        sections.append(("Failures", report.md_table(bad, cols)))
+    cols = ["D", "kb", "vb", "static", "G", "T", "tiny", "max_err", "ok"]
+    sections.append(("Instantiations", report.md_table(rows, cols)))
     if timings:
         sections.append(
             (

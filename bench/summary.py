@@ -51,7 +51,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("files", nargs="+", help="quality JSON files written by tq-bench quality")
     p.add_argument("--caches", default=None, help="comma-separated caches to show (default: all, in file order)")
-    p.add_argument("--metric", default="kl_mean", choices=["kl_mean", "kl_coded", "kl_max", "top1", "ppl"], help="what to show")
+    p.add_argument(
+        "--metric", default="kl_mean", choices=["kl_mean", "kl_coded", "kl_max", "top1", "ppl"], help="what to show"
+    )
     p.add_argument("--no-bits", action="store_true", help="leave out the whole-cache bits column")
     p.add_argument("--out", default=None, help="write the table here as well as printing it")
     args = p.parse_args(argv)

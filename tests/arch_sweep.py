@@ -39,8 +39,8 @@ from arch_configs import ARCH_CONFIGS, METAL_ONLY, ONE_TOKEN_AT_A_TIME, module_n
 PROMPT, CHUNK, DECODE = 24, 12, 4
 SEED = 0
 SCHEDULES = ("one-call", "two-chunks")
-TQ_PRESETS = ("fp16", "k8v8", "k8v8-rope")  # k8v8-rope: keys centred before RoPE, with each model's rope module
-CONTROL = {"fp16": "fp16-control", "k8v8": "8bit-control", "k8v8-rope": "8bit-control"}
+TQ_PRESETS = ("fp16", "k8v8", "k8v8-static")  # k8v8: keys centred before RoPE (each model's rope module); -static after
+CONTROL = {"fp16": "fp16-control", "k8v8": "8bit-control", "k8v8-static": "8bit-control"}
 
 # ---- bounds ----------------------------------------------------------------------------------------------
 # The fp16 preset stores exactly the float16-rounded K/V the fp16 control stores; what is left is float32
@@ -50,7 +50,7 @@ CONTROL = {"fp16": "fp16-control", "k8v8": "8bit-control", "k8v8-rope": "8bit-co
 # k8v8 (rotated Lloyd-Max codes, centred, query-weighted) measured 0.6x to 2.0x the 8-bit affine control's
 # error on the architectures it serves; a cache that loses or misplaces tokens is off by the size of the
 # logits (gemma4's KV-shared layers: 100x the fp16 control's error).
-FACTOR = {"fp16": 2.0, "k8v8": 3.0, "k8v8-rope": 3.0}
+FACTOR = {"fp16": 2.0, "k8v8": 3.0, "k8v8-static": 3.0}
 FLOOR = 1e-4  # relative to the logits' RMS: models whose logits barely move when K/V are rounded
 
 

@@ -41,7 +41,7 @@ def sweep(request):
 
 
 @pytest.mark.parametrize("sched", SCHEDULES)
-@pytest.mark.parametrize("preset", ["fp16", "k8v8", "k8v8-rope"])
+@pytest.mark.parametrize("preset", ["fp16", "k8v8", "k8v8-static"])
 def test_tq_cache_is_refused_or_as_close_to_mlx_lm_as_its_rounding_control(sweep, preset, sched):
     got = sweep.tq_run(preset, sched)  # a crash in a forward call fails the test here
     if isinstance(got, Refused):

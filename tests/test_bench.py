@@ -242,10 +242,11 @@ def test_kernel_bench_fills_contexts_beyond_one_chunk():
 def test_mac_check_runs_on_the_emulator_and_says_timings_need_a_mac(tmp_path, capsys):
     assert cli.main(["mac-check", "--dims", "64", "--out", str(tmp_path), "--no-progress"]) == 0
     entries = _load(tmp_path, "mac-check")
-    assert len(entries) == 4 and all(r["ok"] for r in entries.values()), entries
+    assert len(entries) == 5 and all(r["ok"] for r in entries.values()), entries
     assert {r["G"] for r in entries.values()} >= {1, 4, 7} and any(r["tiny"] for r in entries.values())
+    assert {r["static"] for r in entries.values()} == {False, True}  # keys centred before RoPE (default) and after
     md = (tmp_path / "mac-check.md").read_text()
-    assert "4 of 4 instantiations agree" in md and "Timings need a Mac" in md
+    assert "5 of 5 instantiations agree" in md and "Timings need a Mac" in md
     assert (tmp_path / "mac-check.png").stat().st_size > 0
 
 
