@@ -44,7 +44,12 @@ def parser():
             sp.add_argument("--presets", default=presets, help="comma-separated tq-mlx presets")
         sp.add_argument("--out", default=OUT, help="output folder (the repository's bench/results only if you ask)")
         sp.add_argument("--tag", default=None, help="file name stem; default <command>-<model>")
-        sp.add_argument("--seed", type=int, default=0, help="random seed (queries, fillers, sampling)")
+        sp.add_argument(
+            "--seed",
+            type=int,
+            default=0,
+            help="random seed (queries, fillers, sampling; quality: the caches' rotations)",
+        )
         sp.add_argument("--resume", action="store_true", help="keep the finished entries of an earlier run")
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -183,6 +188,7 @@ def _quality(args, base, presets, argv):
     names = _list(args.baselines) + [p for p in presets if p not in _list(args.baselines)]
     try:
         extra = {} if args.quant_start is None else {"quant_start": args.quant_start}
+        extra.update({"seed": args.seed} if args.seed else {})  # the caches' rotations (and QJL projections)
         quality.run(model, tokens, names, res, args.chunk, progress=not args.no_progress, **extra)
     finally:
         md = report.write_md(
