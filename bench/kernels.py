@@ -36,7 +36,7 @@ ASSUMPTIONS = {
 def instructions_per_key_row(D: int, kb: int, vb: int, G: int, k_trellis=False, v_trellis=False, rope=False) -> float:
     """tq_decode's instruction count per key row (per simdgroup step over KPI keys), by the same hand count
     as the comment in metal_kernels/tq_decode.metal (78 at D=128, G=4, 4/4 bits; 87 with trellis codes);
-    rope: keys centred before RoPE, with tq_rope_bias's share (about 83 in all at D=128, G=4)."""
+    rope: keys centred before RoPE, with tq_rope_bias's share (79 + 3.4 at D=128, G=4)."""
     nc = D // 8
     lpk = 8 if nc <= 8 else 16 if nc <= 16 else 32
     kpi = 32 // lpk
@@ -57,13 +57,15 @@ def instructions_per_key_row(D: int, kb: int, vb: int, G: int, k_trellis=False, 
 
 def rope_instructions_per_key_row(D: int, G: int, kpi: int, block: int = 16, tile: int = 16) -> float:
     """What keys centred before RoPE add per key row, by the hand counts in metal_kernels/tq_decode.metal and
-    tq_rope_bias.metal: in tq_decode 4 per step (the block's index and address, a load of its term); in
-    tq_rope_bias per tile of `tile` blocks a phasor thread per pair (two sincos ~60, a complex step and
+    tq_rope_bias.metal: in tq_decode a load of the block's term and the step of its index, 2 per step, where
+    `block` divides the NSG * KPI positions a lane's key moves per step (else 4: the index from the position);
+    in tq_rope_bias per tile of `tile` blocks a phasor thread per pair (two sincos ~60, a complex step and
     stores per block), a sum thread per (head, block) (two loads and two fma per pair) and ~40 to set up."""
+    per_step = 2 if (8 * kpi) % block == 0 else 4
     pairs = D // 2
     phasors = -(-pairs // 32) * (60 + 6 * tile)
     sums = -(-(G * tile) // 32) * pairs * 4
-    return 4 / kpi + (phasors + sums + 40) / (tile * block)
+    return per_step / kpi + (phasors + sums + 40) / (tile * block)
 
 
 def step_bytes(preset: str, H: int, D: int, T: int) -> int:

@@ -44,10 +44,11 @@
 // (4 counts, the constants' row) and the fp16 block's source choice: the coded loop above is unchanged.
 // The rescale path (a new running max somewhere in the simdgroup) costs ~45 more, taken rarely after the
 // first keys of a block.
-// RoPE-centred keys (RB > 0) add per step the block index (add, shift), its address (add) and a load of kf
-// for the lane's head, folded into the score by an fma instead of the norm's multiply: +4 per step = +2 per
-// key row (80), plus ~3.3 per key row in tq_rope_bias: ~83 in all (a ring, RPOS: +4 per step to load the
-// slot's position and pick the front tile or the rest).
+// RoPE-centred keys (RB > 0) add per step a load of kf for the lane's head, folded into the score by an fma
+// instead of the norm's multiply, and the step of its index (an add: the lane's key moves NSG * KPI positions,
+// FSTEP blocks, per step): +2 per step = +1 per key row (79), plus ~3.3 per key row in tq_rope_bias: ~82 in all.
+// Where RB does not divide NSG * KPI (D = 256) the index is the block of the key's position (add, shift, add):
+// +4 per step; a ring (RPOS) loads each slot's position and picks the front tile or the rest: +4 more.
 // Trellis codes (KL = VL = 10 at KB = VB = 4) read windows instead of codes: per chunk a shuffle and a shift
 // for the previous chunk's bits, 3 to join them, and 19 instead of 15 to cut 8 windows: +9 for K, +9 for V
 // = 174 per step = 87 per key row.
@@ -168,6 +169,10 @@
     // 4. the block's keys: KPI per simdgroup step, simdgroups interleaved
     const int t0 = fpb ? 0 : blk * BLK;
     const int t1 = fpb ? S + R + E : min(T, t0 + BLK);
+    // a lane's key moves NSG * KPI positions per step: with slots in position order (no RPOS) and RB dividing
+    // that, its entry of kf moves FSTEP per step (kf's spare last column takes the last step's keys past t1)
+    constexpr uint FSTEP = (RB && !RPOS && (NSG * KPI) % RBX == 0) ? uint(NSG * KPI) / RBX : 0u;
+    uint fi = uint(frow) + uint(S + t0 + int(sg) * KPI + ks) / RBX + fshift;
     for (int base = t0 + int(sg) * KPI; base < t1; base += NSG * KPI) {
         const int t = base + ks;
         const bool valid = t < t1;
@@ -232,7 +237,9 @@
             }
         }
         const int pos = (RPOS && !fpb) ? kpos[prow + tl] : S + tl;  // the fp16 block reads no kpos
-        const float fmean = (RB && !fpb) ? kf[frow + uint(pos) / RBX + (uint(pos) < fsplit ? 0u : fshift)] : 0.0f;
+        const size_t fat = FSTEP ? size_t(fi) : frow + uint(pos) / RBX + (uint(pos) < fsplit ? 0u : fshift);
+        const float fmean = (RB && !fpb) ? kf[fat] : 0.0f;
+        fi += FSTEP;
         const float score = valid ? fma(s[0], kscale, fmean) : -INFINITY;
         if (simd_any(score > m)) {  // a new running max somewhere: rescale (uniform branch)
             const float mn = max(m, score);

@@ -12,7 +12,7 @@
 //          With (R_c mu)_i = a_i cos(c w) - a_p sin(c w), (R_c mu)_p = a_p cos(c w) + a_i sin(c w):
 //          <q, R_c mu> = sum over pairs of cos(c w) A + sin(c w) B, A = a_i q_i + a_p q_p, B = a_i q_p - a_p q_i
 //          (a lone coordinate: A = a_i q_i, B = 0 as its angle is 0).
-// Output:  f (B*H*G, NB) f32.
+// Output:  f (B*H*G, NB + 1) f32: column NB is not written (tq_decode's last step may read it for keys past the end).
 // Grid (256, B*H, ceil(NB / TB)) threads, threadgroup (256, 1, 1): a tile of TB blocks of one KV head.
 //
 // Instructions per key row, by hand, at G = 4, D = 128 (NP = 64), TB = 16 blocks of RB = 16 (256 keys):
@@ -72,6 +72,6 @@
                 const float2 w = w_tg[g * NP + j];
                 acc = fma(w.x, z.x, fma(w.y, z.y, acc));
             }
-            f[(size_t(bh) * G + g) * NB + bt + b] = acc;
+            f[(size_t(bh) * G + g) * (NB + 1) + bt + b] = acc;
         }
     }

@@ -232,7 +232,8 @@ ROPE_TILE = 16  # tq_rope_bias's blocks per threadgroup (TQ_ROPE_TILE)
 def rope_bias(q, scale, ra, rp, rang, b0: int, nb: int, block: int, G: int, front: bool = False):
     """tq_rope_bias: q (B, H*G, 1, D) raw; ra (CH, NP, 2), rp int32 (NP, 2), rang (NP,): the key mean in pairs
     (rope_mean.kernel_pairs); the term of blocks b0 .. b0 + nb - 1 of `block` positions, after blocks
-    0 .. ROPE_TILE - 1 when `front` (a ring that keeps its first tokens): f (B*H*G, nb (+ ROPE_TILE)) float32."""
+    0 .. ROPE_TILE - 1 when `front` (a ring that keeps its first tokens): f (B*H*G, nb (+ ROPE_TILE) + 1) float32, the
+    last column not written (tq_decode's last step may read it for keys past the end, whose scores it drops)."""
     B, D = q.shape[0], q.shape[-1]
     H = q.shape[1] // G
     nb += ROPE_TILE * front
@@ -241,7 +242,7 @@ def rope_bias(q, scale, ra, rp, rang, b0: int, nb: int, block: int, G: int, fron
         template=[("QT", q.dtype), ("D", D), ("G", G), ("NP", rp.shape[0]), ("RB", block)],
         grid=(256, B * H, -(-nb // 16)),
         threadgroup=(256, 1, 1),
-        output_shapes=[(B * H * G, nb)],
+        output_shapes=[(B * H * G, nb + 1)],
         output_dtypes=[mx.float32],
     )
     return f
