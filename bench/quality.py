@@ -18,34 +18,50 @@ AFFINE = {"affine8": 8, "affine4": 4, "affine3": 3, "affine2": 2}
 BASELINES = ["fp", *AFFINE]
 
 
-def log_probs_with_cache(model, tokens, cache, chunk: int = 256) -> mx.array:
-    """Log-softmax of the model's next-token logits for every position: (T, vocab) float32.
+def log_prob_chunks(model, tokens, cache, chunk: int = 256):
+    """Log-softmax of the model's next-token logits, chunk by chunk as the model is fed: (n, vocab) float32 each.
 
     tokens: 1-D list or mx.array of token ids; cache: a prompt-cache list (fresh).
     """
     tokens = mx.array(tokens).reshape(1, -1)
-    out = []
     for s in range(0, tokens.shape[1], chunk):
         logits = model(tokens[:, s : s + chunk], cache=cache).astype(mx.float32)[0]
         lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         mx.eval(lp)
-        out.append(lp)
-    return mx.concatenate(out, axis=0)
+        yield lp
+
+
+def log_probs_with_cache(model, tokens, cache, chunk: int = 256) -> mx.array:
+    """Log-softmax of the model's next-token logits for every position: (T, vocab) float32."""
+    return mx.concatenate(list(log_prob_chunks(model, tokens, cache, chunk)), axis=0)
 
 
 def compare(ref_lp: mx.array, lp: mx.array, tokens, coded_from: int = 0) -> dict:
     """mean KL(ref || lp), also over the positions from `coded_from` on (kl_coded: a cache's first quant_start
     positions are exact), top-1 agreement, and perplexity of `lp` on the next tokens."""
+    return compare_chunks([ref_lp], [lp], tokens, coded_from)
+
+
+def compare_chunks(ref_chunks, lp_chunks, tokens, coded_from: int = 0) -> dict:
+    """`compare` on log-probs that come in chunks (lp_chunks may be a generator): only per-position figures are
+    kept, so a long context never holds a second (T, vocab) array (Gemma-3 at 4096 tokens: 4.3 GB each)."""
     tokens = mx.array(tokens).reshape(-1)
-    kl = mx.sum(mx.exp(ref_lp) * (ref_lp - lp), axis=-1)
+    kl, agree, nll, start = [], [], [], 0
+    for ref, lp in zip(ref_chunks, lp_chunks):
+        n = ref.shape[0]
+        nxt = tokens[start + 1 : start + n + 1]  # the next token of each position (the last has none)
+        kl.append(mx.sum(mx.exp(ref) * (ref - lp), axis=-1))
+        agree.append((mx.argmax(ref, axis=-1) == mx.argmax(lp, axis=-1)).astype(mx.float32))
+        nll.append(-mx.take_along_axis(lp[: nxt.shape[0]], nxt[:, None], axis=-1)[:, 0])
+        mx.eval(kl[-1], agree[-1], nll[-1])
+        start += n
+    kl, agree, nll = (mx.concatenate(a) for a in (kl, agree, nll))
     coded = kl[min(coded_from, kl.shape[0] - 1) :]
-    top1 = mx.mean((mx.argmax(ref_lp, axis=-1) == mx.argmax(lp, axis=-1)).astype(mx.float32))
-    nll = -mx.take_along_axis(lp[:-1], tokens[1:, None], axis=-1)
     return {
         "kl_mean": float(mx.mean(kl).item()),
         "kl_max": float(mx.max(kl).item()),
         "kl_coded": float(mx.mean(coded).item()),
-        "top1": float(top1.item()),
+        "top1": float(mx.mean(agree).item()),
         "ppl": float(mx.exp(mx.mean(nll)).item()),
     }
 
@@ -174,18 +190,17 @@ def run(model, tokens, names, results, chunk: int = 256, progress=None, **overri
 
     heads, d = kv_dims(model)
     coded_from = overrides.get("quant_start", tq_mlx.CacheConfig().quant_start)  # the same positions for every cache
-    ref = log_probs_with_cache(model, tokens, make_cache(model, "fp"), chunk)
+    ref = list(log_prob_chunks(model, tokens, make_cache(model, "fp"), chunk))
     for name in tqdm(names, desc="quality", disable=progress is False):
         if results.done(name):
             continue
         rec = {"name": name}
         try:
             cache = make_cache(model, name, **({} if name in BASELINES else overrides))
-            lp = log_probs_with_cache(model, tokens, cache, chunk)
-            rec.update(compare(ref, lp, tokens, coded_from))
+            rec.update(compare_chunks(ref, log_prob_chunks(model, tokens, cache, chunk), tokens, coded_from))
             rec.update(cache_bits(cache))
             rec["bpe_marginal"] = marginal_bits(name, heads, d)
-            del lp, cache
+            del cache
         except Exception as e:  # a preset that fails (e.g. not importable yet) is recorded, not fatal
             rec["error"] = f"{type(e).__name__}: {e}"[:300]
         results.add(name, rec)

@@ -125,6 +125,20 @@ def test_kl_past_quant_start_averages_only_the_positions_a_cache_codes():
     assert got["kl_coded"] > 0 and got["kl_mean"] == pytest.approx(got["kl_coded"] * 4 / 10, rel=1e-5)
 
 
+def test_log_probs_compared_chunk_by_chunk_equal_the_whole_comparison():
+    def log_softmax(x):
+        return x - mx.logsumexp(x, axis=-1, keepdims=True)
+
+    ref = log_softmax(mx.random.normal((10, 7), key=mx.random.key(0)))
+    lp = log_softmax(mx.random.normal((10, 7), key=mx.random.key(1)))
+    ids = [3, 1, 4, 1, 5, 2, 6, 5, 3, 5]
+    whole = quality.compare(ref, lp, ids, coded_from=4)
+    parts = quality.compare_chunks([ref[:4], ref[4:8], ref[8:]], iter([lp[:4], lp[4:8], lp[8:]]), ids, coded_from=4)
+    assert parts == pytest.approx(whole, rel=1e-6)
+    nll = -mx.take_along_axis(lp[:-1], mx.array(ids[1:])[:, None], axis=-1)  # the next token's, as before
+    assert whole["ppl"] == pytest.approx(float(mx.exp(mx.mean(nll)).item()), rel=1e-6)
+
+
 @pytest.mark.model
 def test_quality_cli(tmp_path, text):
     out = tmp_path / "out"
