@@ -69,12 +69,12 @@ def _rope_term(ck, queries, scale, G, first, last, front):
     return K.rope_bias(queries, scale, *pairs, b0, nb, blk, G, front), blk, b0
 
 
-def decode_on_kernels(queries, scale, sinks, ck, cv, buf, fp, lens, T, first=0, last=None):
+def decode_on_kernels(queries, scale, sinks, ck, cv, buf, fp, lens, T, first, last):
     """tq_rope_bias (RoPE-centred keys) + tq_decode + tq_merge: queries (B, Hq, 1, D) against the codes in `buf`
     (CodeBuffers: full buffers), the fp tokens fp = ((sink k, v), (window k, v), (exact k, v)) (B, H, capacity,
     D) and per-row counts lens (B or 1, 4) [coded, sink, window, exact]; T: the most coded tokens of any row;
-    first, last (RoPE-centred keys): every code slot's position is in first .. last (default first + T - 1),
-    or one of a ring's front tokens (each slot's position is buf.k["pos"] in a ring, else the row's sinks'
+    first, last (RoPE-centred keys): every code slot's position is in first .. last (`code_span`), or one of a
+    ring's front tokens (each slot's position is buf.k["pos"] in a ring, else the row's sinks'
     count + the slot).  ck, cv: codecs whose constants are per head or per batch row.
     (B, Hq, 1, D) in queries.dtype, or None (kernel unusable)."""
     B, Hq, _, D = queries.shape
@@ -84,8 +84,7 @@ def decode_on_kernels(queries, scale, sinks, ck, cv, buf, fp, lens, T, first=0, 
 
     def run():
         front = "pos" in buf.k
-        end = first + T - 1 if last is None else last
-        kf, rope_block, fb0 = _rope_term(ck, queries, scale, G, first, end, front)
+        kf, rope_block, fb0 = _rope_term(ck, queries, scale, G, first, last, front)
         po, pm, pl = K.decode_partials(
             queries,
             scale,

@@ -212,13 +212,15 @@ class AtPositions:
 
     def __init__(self, codec, start, keep_positions: bool = False, span=None):
         self.codec, self.start, self.keep_positions, self.span = codec, start, keep_positions, span
+        self.per_row = isinstance(start, (list, tuple))
+        self.starts = list(start) if self.per_row else [start]
 
     def __getattr__(self, name):
         return getattr(self.codec, name)
 
     def _starts(self) -> mx.array:
         """start as int32 (1 or B, 1, 1)."""
-        return mx.array(self.start if isinstance(self.start, (list, tuple)) else [self.start], mx.int32)[:, None, None]
+        return mx.array(self.starts, mx.int32)[:, None, None]
 
     def positions(self, enc: dict, n: int) -> mx.array:
         """The position of each of the n slots of enc: int32 (B or 1, 1, n)."""
@@ -234,7 +236,7 @@ class AtPositions:
         if n == 1:  # a decode step: its block's mean, taken off by the encode kernel where it runs
             out = c.encode_centred(x, turned_mean(c, self.start))
         else:
-            if isinstance(self.start, (list, tuple)):
+            if self.per_row:
                 raise ValueError("a batch's codec encodes one token per row at a time")
             turned = rotate(c.rope_map, c.rope_mean, self.start, n, c.rope_block)
             out = c.encode_centred(x.astype(mx.float32) - turned)
@@ -268,15 +270,14 @@ class AtPositions:
         elif "pos" in enc:
             raise ValueError("reading a ring's RoPE-centred codes needs the span of their positions")
         else:
-            starts = self.start if isinstance(self.start, (list, tuple)) else [self.start]
-            first, last, front = min(starts), max(starts) + n - 1, 0
+            first, last, front = min(self.starts), max(self.starts) + n - 1, 0
         fb = -(-front // blk)  # blocks of the front tokens, then blocks b0 .. b1 - 1
         b0 = max(first // blk, fb)
         b1 = max(last // blk + 1, b0)
         kept = getattr(self, "_query", None)
         q = kept[0] if kept is not None and kept[1] is q_rot else self.codec.unrotate_query(q_rot)
         term = _block_scores(self.codec, q, q_rot, fb, b0, b1)  # (B, H, M, fb + b1 - b0)
-        if fb == 0 and "pos" not in enc and not isinstance(self.start, (list, tuple)):  # slots in order
+        if fb == 0 and "pos" not in enc and not self.per_row:  # one row's slots in position order
             off = self.start - b0 * blk
             return (term if blk == 1 else mx.repeat(term, blk, axis=-1))[..., off : off + n]
         bi = self.positions(enc, n) // blk
