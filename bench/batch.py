@@ -11,6 +11,8 @@ filled sequence kept to merge from and the temporaries).
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+import tq_mlx
+
 from . import quality, report, speed
 
 
@@ -31,7 +33,7 @@ def decode(model, single, B: int, steps: int):
         mx.eval(model(tok, cache=batch))
 
     ms = speed._ms(step, steps)
-    return {"step_ms": ms, "kv_bytes": sum(c.nbytes for c in batch), "peak_mb": mx.get_peak_memory() / 2**20}
+    return {"step_ms": ms, "kv_bytes": tq_mlx.cache_nbytes(batch), "peak_mb": mx.get_peak_memory() / 2**20}
 
 
 def main(args, base, presets, argv):

@@ -73,13 +73,20 @@ def stand_in_rope(cfg, d):
 
 
 def layer_constant(cfg, layer, h, d, window=None):
-    """Per-layer constant bytes (rotations, QJL matrices, HQMQ tables, learnt calibration, a RoPE map) as the
-    cache counts them: nbytes of a calibrated cache minus its token stores."""
+    """(per-layer constant bytes (rotations, QJL matrices, HQMQ tables, learnt calibration) as the cache counts
+    them: nbytes of a calibrated cache minus its token stores; the constants it shares with other layers (a RoPE
+    map and its tables, counted once per model) as ((id, bytes), ...) before and after calibrating)."""
     c = tq_mlx.TurboQuantKVCache(cfg, layer, max_size=window, rope=stand_in_rope(cfg, d))
+    before = _ids(c.shared_constants())
     x = mx.random.normal((1, h, max(1 + cfg.fp_sink + cfg.fp_window, cfg.quant_start), d))
     c.update_and_fetch(x, x)
     quality.settle(c)
-    return c.nbytes - sum(st.nbytes for st in (c.exact, c.sink, c.codes, c.window))
+    const = c.nbytes - sum(st.nbytes for st in (c.exact, c.sink, c.codes, c.window))
+    return const, (before, _ids(c.shared_constants()))
+
+
+def _ids(arrays) -> tuple:
+    return tuple(sorted({id(a): a.nbytes for a in arrays}.items()))
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,17 @@ class Layer:
     fp16_tok: int = 0  # bytes per token at fp16 (sinks, window)
     quant_start: int = 0  # tokens kept as given until this many are held (tq)
     exact_tok: int = 0  # bytes per token as given (the model's dtype)
+    shared: tuple = ((), ())  # constants shared with other layers, ((id, bytes), ...) before and after calibrating
+
+
+def shared_bytes(layers, context: int = None) -> int:
+    """Bytes of the constants the layers share at `context` tokens (None: calibrated), each once."""
+
+    def phase(ly):
+        n = context if context is None or ly.window is None else min(context, ly.window)
+        return ly.shared[0] if n is not None and n < max(ly.quant_start, 1) else ly.shared[1]
+
+    return sum(dict(p for ly in layers for p in phase(ly)).values())
 
 
 def layer_model(name, kinds, h, d, fp_bytes=2, boundary=0):
@@ -120,17 +138,19 @@ def layer_model(name, kinds, h, d, fp_bytes=2, boundary=0):
         tok = codec_cost(cfg.keys, cfg, h, d, i, "k") + codec_cost(cfg.values, cfg, h, d, i, "v")
         tok += 4 if w is not None and stand_in_rope(cfg, d) is not None else 0  # a ring's positions, int32
         probe = tq_mlx.TurboQuantKVCache(cfg, i, max_size=w)
+        const, shared = layer_constant(cfg, i, h, d, w)
         out.append(
             Layer(
                 "tq",
                 tok,
-                layer_constant(cfg, i, h, d, w),
+                const,
                 w,
                 cfg.fp_sink if w is None else 0,
                 probe.window_size,
                 2 * h * 2 * d,
                 probe._quant_start,
                 fp_tok,
+                shared,
             )
         )
     return out
@@ -141,7 +161,7 @@ def total_bytes(layers, context: int, allocated: bool = True) -> int:
 
     allocated: round tq-mlx's token stores up to STEP tokens and mlx-lm's caches up to their 256
     (the sink and window stores are exact; mlx-lm's RotatingKVCache concatenates: no slack)."""
-    tot = 0
+    tot = shared_bytes(layers, context)
     for ly in layers:
         n = context if ly.window is None else min(context, ly.window)
         step = STEP if ly.kind == "tq" else mlx_cache.KVCache.step
@@ -182,7 +202,7 @@ def measure(model, name, kinds, h, d, context, dtype, boundary=0):
         c.update_and_fetch(x, x)
         quality.settle(c)
         total += c.nbytes
-    return total
+    return total + tq_mlx.cache_nbytes(cache) - sum(c.nbytes for c in cache)  # + constants layers share
 
 
 def main(args, base, presets, argv):
@@ -224,7 +244,7 @@ def main(args, base, presets, argv):
                 q = [ly for ly in lm if ly.kind != "fp"] or lm
                 rec["bytes_per_token_layer"] = sum(ly.tok for ly in q) / len(q)
                 rec["bpe"] = 8 * rec["bytes_per_token_layer"] / (h * 2 * d)
-                rec["const_bytes"] = sum(ly.const for ly in lm)
+                rec["const_bytes"] = sum(ly.const for ly in lm) + shared_bytes(lm)
                 rec["total"] = {str(c): total_bytes(lm, c, allocated=False) for c in contexts}
                 rec["ratio_vs_fp"] = {str(c): fp_total[c] / rec["total"][str(c)] for c in contexts}
                 rec["model_allocated"] = total_bytes(lm, args.check_context)

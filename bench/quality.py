@@ -117,6 +117,7 @@ def cache_bits(cache, fp_bytes: int = 2) -> dict:
     """Whole-cache bits per stored K/V element after a run: every layer, side data and capacity slack
     of our caches included; mlx-lm fp layers counted as fp16 and affine scales/biases as fp16."""
     total = sum(_layer_bytes(c, fp_bytes) for c in cache)
+    total += tq_mlx.cache_nbytes(cache) - sum(c.nbytes for c in cache)  # constants the layers share, once
     elems = 0
     for c in cache:
         if isinstance(c, tq_mlx.TurboQuantKVCache) and c.shape:

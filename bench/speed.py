@@ -63,7 +63,7 @@ def _arrays(c):
 
 
 def kv_bytes(cache) -> int:
-    return sum(c.nbytes for c in cache)
+    return tq_mlx.cache_nbytes(cache)
 
 
 def decode(model, name, n, steps, dtype):

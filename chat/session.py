@@ -327,7 +327,7 @@ class Session:
     def stats(self) -> dict:
         """tokens; kv_bytes held; fp16_bytes an fp16 cache of the same tokens would hold; ratio of the two,
         None while nothing is compressed yet (every layer still in its exact phase, or empty)."""
-        kv = sum(c.nbytes for c in self.cache)
+        kv = tq_mlx.cache_nbytes(self.cache)
         fp16 = sum(describe.fp16_bytes(c) for c in self.cache)
         per_rank = None
         if self.group is not None:  # every rank calls this: the figures are gathered

@@ -31,7 +31,7 @@ def kv_summary(cache, group=None) -> str:
     """One line: bytes held, tokens, config, and what mlx-lm's fp16 cache would hold; on a group of
     several processes (every rank must call it: the figures are gathered) the totals of all ranks,
     then each rank's bytes."""
-    held, fp16 = sum(c.nbytes for c in cache), sum(describe.fp16_bytes(c) for c in cache)
+    held, fp16 = describe.cache_nbytes(cache), sum(describe.fp16_bytes(c) for c in cache)
     per_rank = None
     if group is not None and group.size() > 1:
         per_rank = distributed.gather_ints([held, fp16], group)

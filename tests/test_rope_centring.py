@@ -12,7 +12,7 @@ from mlx_lm.models.rope_utils import initialize_rope
 import tq_mlx
 from tq_mlx import TurboQuantKVCache
 from tq_mlx.patch import tq_scaled_dot_product_attention as sdpa
-from tq_mlx.rope_mean import AtPositions, centres, fit_mean, probe, rotate
+from tq_mlx.rope_mean import AtPositions, centres, fit_mean, probe, rotate, rotate_at
 
 D = 64
 ROPES = {
@@ -209,3 +209,36 @@ def test_a_cache_saved_before_blocks_reloads_turned_to_every_position():
     assert st.pop("calib_k_rope_block").item() == 16
     old = TurboQuantKVCache.from_state(st)
     assert old.k_codec.rope_block == 1 and "every position" in old.k_codec.kernel_reason()
+
+
+@pytest.mark.parametrize("name", list(ROPES))
+def test_the_mean_turned_from_its_pairs_is_the_mean_turned_by_the_map(name):
+    from tq_mlx.rope_mean import kernel_pairs, turn_pairs
+
+    rmap = probe(ROPES[name], D)
+    mu = mx.random.normal((3, 2, D), key=mx.random.key(4))  # three batch rows' means
+    pos = mx.array([[[5, 700, 20001]], [[0, 16, 31]], [[9, 9, 9]]], mx.int32)
+    ra = kernel_pairs(rmap, mu)[0]
+    assert mx.allclose(turn_pairs(ra, 2, rmap, pos, 16), rotate_at(rmap, mu, pos, 16), atol=1e-4)
+
+
+def test_a_model_s_layers_hold_one_rope_map_counted_once():
+    rmaps = [probe(nn.RoPE(D, base=10000.0), D) for _ in range(3)]
+    assert rmaps[0] is rmaps[1] is rmaps[2]  # one map per distinct rotation, however often probed
+    rmap, keys, values = _rope_keys(300)
+    caches = [TurboQuantKVCache(tq_mlx.resolve_config("k4v4", quant_start=128), i, rope=rmap) for i in range(3)]
+    for c in caches:
+        _feed(c, keys, values, [256, 1])
+    shared = {id(a): a.nbytes for c in caches for a in c.shared_constants()}
+    assert set(shared) == {id(a) for a in caches[0].shared_constants()}  # the same arrays in every layer
+    assert tq_mlx.cache_nbytes(caches) == sum(c.nbytes for c in caches) + sum(shared.values())
+
+
+def test_a_rope_centred_layer_holds_no_more_than_a_static_mean():
+    rmap, keys, values = _rope_keys(300)
+    side = {}
+    for name in ("k4v4", "k4v4-static"):
+        c = TurboQuantKVCache(tq_mlx.resolve_config(name, quant_start=128), rope=rmap)
+        _feed(c, keys, values, [256, 1])
+        side[name] = c.k_codec.side_nbytes
+    assert side["k4v4"] <= side["k4v4-static"]

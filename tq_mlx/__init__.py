@@ -12,7 +12,7 @@ from .batch_cache import BatchTurboQuantKVCache
 from .cache import TurboQuantKVCache
 from .cache_state import CacheStateError
 from .config import DEFAULT_PRESET, PRESETS, CacheConfig, CodecSpec, resolve_config
-from .describe import describe_cache
+from .describe import cache_nbytes, describe_cache
 from .prompt_cache import load_prompt_cache, make_prompt_cache, model_config
 
 # mlx-lm's load_prompt_cache looks cache classes up in its own module namespace
@@ -22,6 +22,7 @@ patch.install()
 __all__ = [
     "make_prompt_cache",
     "model_config",
+    "cache_nbytes",
     "describe_cache",
     "load_prompt_cache",
     "TurboQuantKVCache",

@@ -297,6 +297,13 @@ class BatchTurboQuantKVCache(_BaseCache):
         codecs += list(self._codecs[1] or ())
         return sum(st.nbytes for st in self.stores.values()) + sum(c.side_nbytes for c in codecs if c is not None)
 
+    def shared_constants(self) -> list:
+        """As TurboQuantKVCache.shared_constants, over the rows and the stacked codecs."""
+        codecs = list(self._codecs[1] or ())
+        return [a for r in self.rows for a in r.shared_constants()] + [
+            a for c in codecs for a in getattr(c, "shared_constants", list)()
+        ]
+
     def __deepcopy__(self, memo):
         new = BatchTurboQuantKVCache.__new__(BatchTurboQuantKVCache)
         new.__dict__.update(self.__dict__)

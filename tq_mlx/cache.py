@@ -52,7 +52,7 @@ from .codec_factory import Calibration, build_codec, check_dims, needs_queries
 from .config import CacheConfig, resolve_config
 from .fp16_codec import FP16, FP_KEY
 from .handouts import HandsOut
-from .rope_mean import RopeMap, at
+from .rope_mean import RopeMap, at, tables
 from .sharding import Shard
 from .store import TokenStore
 
@@ -135,6 +135,8 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
         self.start_position = 0
         self.expect = (kv_heads, *(head_dims or (None, None)))
         self.rope = rope
+        if rope is not None:
+            tables(rope)  # the map's tables, made once per model (shared by its layers)
         self.offset = 0
         self._clear()
 
@@ -332,7 +334,7 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
     @property
     def _positional(self) -> bool:
         """Whether the key codes depend on positions (RoPE-centred keys: `encoded` places the next ones)."""
-        return getattr(self.k_codec, "rope_mean", None) is not None
+        return getattr(self.k_codec, "rope_map", None) is not None
 
     @property
     def _keeps_front(self) -> bool:
@@ -513,6 +515,12 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
         (rotation signs or matrices, learnt means, weights, channel orders)."""
         side = sum(c.side_nbytes for c in (self.k_codec, self.v_codec) if c is not None)
         return sum(st.nbytes for st in self._stores()) + side
+
+    def shared_constants(self) -> list:
+        """Constants this layer holds in common with others (a model's RoPE map and its tables), counted once per
+        prompt cache by `describe.cache_nbytes`, not in `nbytes`."""
+        out = [] if self.rope is None else [*self.rope, *tables(self.rope).arrays()]  # held from the start
+        return out + [a for c in (self.k_codec, self.v_codec) for a in getattr(c, "shared_constants", list)()]
 
     @property
     def state(self):

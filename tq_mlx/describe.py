@@ -31,7 +31,7 @@ def _kind(c) -> tuple[str, bool]:
         )
         if c.config.keys.center == "rope":  # say where RoPE-aware centring does not apply
             rope = c.rope is not None and c.chunk_size is None
-            blk = c.k_codec.rope_block if getattr(c.k_codec, "rope_mean", None) is not None else rope_mean.BLOCK
+            blk = c.k_codec.rope_block if getattr(c.k_codec, "rope_map", None) is not None else rope_mean.BLOCK
             turned = f"mean turned per {blk} positions" if blk > 1 else "mean turned to every position"
             how += (
                 f", keys centred before RoPE ({turned})" if rope else ", static key mean (no RoPE map for this layer)"
@@ -72,6 +72,15 @@ def summary(cache) -> str:
     kept = Counter(kind for _, kind, comp in rows if not comp)
     tail = "; kept: " + ", ".join(f"{n} x {kind}" for kind, n in kept.items()) if kept else ""
     return f"{done} of {len(rows)} layers compressed{tail}"
+
+
+def cache_nbytes(cache) -> int:
+    """Bytes a whole prompt cache (a list of layers) holds: each layer's `nbytes`, plus the constants layers share
+    (a model's RoPE map and its tables, `shared_constants`) once each."""
+    shared = {}
+    for c in cache:
+        shared.update({id(a): a.nbytes for a in getattr(c, "shared_constants", list)()})
+    return sum(c.nbytes for c in cache) + sum(shared.values())
 
 
 def fp16_bytes(c) -> int:

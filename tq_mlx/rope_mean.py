@@ -35,7 +35,10 @@ _PROBE = ((0, 64), (1000, 8), (30000, 8))  # (first position, count) where a pro
 
 
 class RopeMap(NamedTuple):
-    """partner int32 (d,), angle float32 (d,) radians per position, scale float32 (d,)."""
+    """partner int32 (d,), angle float32 (d,) radians per position, scale float32 (d,).
+
+    Made through `shared`: one object per distinct map in the process, so the layers of a model that turn
+    alike hold one map (and one set of `tables`), counted once (`describe.cache_nbytes`)."""
 
     partner: mx.array
     angle: mx.array
@@ -45,13 +48,79 @@ class RopeMap(NamedTuple):
         return {"partner": self.partner, "angle": self.angle, "scale": self.scale}
 
     @classmethod
+    def shared(cls, partner, angle, scale) -> "RopeMap":
+        """The map with these values (int32, float32, float32 (d,)), the same object for the same values."""
+        host = (np.asarray(partner, np.int32), np.asarray(angle, np.float32), np.asarray(scale, np.float32))
+        key = b"".join(a.tobytes() for a in host)
+        if key not in _MAPS:
+            _MAPS[key] = cls(*(mx.array(a) for a in host))
+        return _MAPS[key]
+
+    @classmethod
     def from_state(cls, st: dict):
         """The map saved by `state()`, or None when st is empty."""
         if not st:
             return None
         if set(st) != {"partner", "angle", "scale"}:
             raise ValueError(f"a RoPE map holds partner, angle and scale; got {sorted(st)}")
-        return cls(st["partner"].astype(mx.int32), st["angle"].astype(mx.float32), st["scale"].astype(mx.float32))
+        return cls.shared(
+            *(
+                np.array(st[k].astype(t))
+                for k, t in (("partner", mx.int32), ("angle", mx.float32), ("scale", mx.float32))
+            )
+        )
+
+
+_MAPS = {}  # the values' bytes -> RopeMap (RopeMap.shared)
+
+
+class MapTables(NamedTuple):
+    """What a map's users derive from it, made once per map (`tables`).
+    host: (partner, angle, scale) as numpy (the host's turned means); pairs: (rp int32 (NP, 2), rang float32 (NP,),
+    inv int32 (d,)) on the device, or None when the map is not in pairs (`kernel_pairs`): pair k is coordinates
+    rp[k] = (i, p) turning by rang[k] and minus it, and inv[j] is where coordinate j sits in [i-terms | p-terms];
+    pair_angles: rang on the host (the key of the reference path's [cos | sin] table)."""
+
+    host: tuple
+    pairs: tuple
+    pair_angles: np.ndarray
+
+    def arrays(self) -> list:
+        return [*self.host, *(self.pairs or ()), *([] if self.pair_angles is None else [self.pair_angles])]
+
+
+_TABLES = {}  # id(RopeMap) -> (RopeMap, MapTables)
+
+
+def _pair_list(partner: np.ndarray, angle: np.ndarray):
+    """rp (NP, 2) int32: each pair (i, p(i)) once, lead i <= p; None when a pair's angles are not opposite or a
+    lone coordinate turns (then the map is not in pairs)."""
+    lead = [i for i in range(len(partner)) if partner[i] >= i]
+    for i in lead:
+        p = partner[i]
+        if angle[p] != (angle[i] if p == i else -angle[i]) or (p == i and angle[i] != 0):
+            return None
+    return np.array([[i, partner[i]] for i in lead], np.int32)
+
+
+def tables(rmap: RopeMap) -> MapTables:
+    """The map's MapTables, made once per map object."""
+    hit = _TABLES.get(id(rmap))
+    if hit is not None and hit[0] is rmap:
+        return hit[1]
+    host = (np.array(rmap.partner), np.array(rmap.angle, np.float32), np.array(rmap.scale, np.float32))
+    rp = _pair_list(*host[:2])
+    pairs = rang = None
+    if rp is not None:
+        NP = len(rp)
+        inv = np.empty(len(host[0]), np.int32)
+        inv[rp[:, 1]] = NP + np.arange(NP)
+        inv[rp[:, 0]] = np.arange(NP)  # a lone coordinate (i = p) is its i-term
+        rang = host[1][rp[:, 0]].copy()
+        pairs = (mx.array(rp), mx.array(rang), mx.array(inv))
+    out = MapTables(host, pairs, rang)
+    _TABLES[id(rmap)] = (rmap, out)
+    return out
 
 
 def positions(start: int, n: int) -> mx.array:
@@ -113,9 +182,7 @@ def probe(rope, d: int):
     angle = np.arctan2(one[np.arange(d), partner] * (partner != np.arange(d)), one[np.arange(d), np.arange(d)])
     if np.any(partner[partner] != np.arange(d)):
         return None
-    rmap = RopeMap(
-        mx.array(partner.astype(np.int32)), mx.array(angle.astype(np.float32)), mx.array(scale.astype(np.float32))
-    )
+    rmap = RopeMap.shared(partner, angle, scale)
     eye_mu = mx.eye(d)
     for t0, n in _PROBE:
         want = np.array(at[t0].astype(mx.float32))[0]
@@ -129,35 +196,42 @@ def kernel_pairs(rmap: RopeMap, mu: mx.array):
     """The mean as tq_rope_bias reads it: (ra float32 (CH, NP, 2): a_i = s_i mu_i, a_p = s_p mu_p per head (CH = H, or
     B * H for a batch's means (B, H, d), row b * H + h) and pair (i, p), a_p = 0 for a coordinate on its own (it does
     not turn); rp int32 (NP, 2): the pairs; rang float32 (NP,): the angle of i, p turning by minus it), or None when
-    the map is not in such pairs (a coordinate turning on its own, or a pair whose angles are not opposite)."""
-    partner, angle = np.array(rmap.partner), np.array(rmap.angle)
-    lead = [i for i in range(len(partner)) if partner[i] >= i]
-    for i in lead:
-        p = partner[i]
-        if angle[p] != (angle[i] if p == i else -angle[i]) or (p == i and angle[i] != 0):
-            return None
-    rp = np.array([[i, partner[i]] for i in lead], np.int32)
-    a = (rmap.scale * mu).reshape(-1, mu.shape[-1])
-    pair = mx.array((rp[:, 0] != rp[:, 1]).astype(np.float32))
-    ra = mx.stack([a[:, mx.array(rp[:, 0])], a[:, mx.array(rp[:, 1])] * pair], axis=-1)
-    return ra.astype(mx.float32), mx.array(rp), mx.array(angle[rp[:, 0]].astype(np.float32))
+    the map is not in such pairs (a coordinate turning on its own, or a pair whose angles are not opposite).
+    rp and rang are the map's (`tables`), shared by every layer with this map."""
+    pairs = tables(rmap).pairs
+    if pairs is None:
+        return None
+    rp = pairs[0]
+    a = (rmap.scale * mx.array(mu).astype(mx.float32)).reshape(-1, mu.shape[-1])
+    pair = (rp[:, 0] != rp[:, 1]).astype(mx.float32)
+    ra = mx.stack([a[:, rp[:, 0]], a[:, rp[:, 1]] * pair], axis=-1)
+    return ra, rp, pairs[1]
 
 
-def host_mean(rmap: RopeMap, mu: mx.array):
-    """(a = s * mu ((B,) H, d), partner, angle) as numpy copies: what `turned_mean` turns on the host."""
-    return np.array(rmap.scale * mu, np.float32), np.array(rmap.partner), np.array(rmap.angle, np.float32)
+def turn_pairs(ra: mx.array, n_heads: int, rmap: RopeMap, pos: mx.array, block: int = 1) -> mx.array:
+    """R_c(t) mu from the mean in pairs (kernel_pairs' ra, (CH, NP, 2), CH = H or B * H) at positions pos
+    (B or 1, 1, n) -> float32 (B, H, n, d): rotate_at without the mean itself (i-term a_i cos - a_p sin,
+    p-term a_p cos + a_i sin)."""
+    rp, rang, inv = tables(rmap).pairs
+    ra = ra.reshape(-1, n_heads, 1, *ra.shape[-2:])
+    ai, ap = ra[..., 0], ra[..., 1]  # (1 or B, H, 1, NP)
+    ph = centres(pos, block)[..., None] * rang  # (B, 1, n, NP)
+    c, s = mx.cos(ph), mx.sin(ph)
+    return mx.take(mx.concatenate([ai * c - ap * s, ap * c + ai * s], axis=-1), inv, axis=-1)
 
 
 def turned_mean(codec, position) -> mx.array:
     """R_c mu for one position (an int: (H, d) float32), or one per batch row (a list: (B, H, d), row b at
     position[b] with its own mean), kept on the codec for its blocks (a decode step re-uses them).  Made on the
-    host from the codec's `host_mean`, so a decode step that opens a block adds no launch and no sync."""
+    host from the codec's `rope_mu` and the map's host tables, so a decode step that opens a block adds no launch
+    and no sync."""
     blk = codec.rope_block
     rows = isinstance(position, (list, tuple))
     key = tuple(int(p) // blk for p in position) if rows else int(position) // blk
     memo = getattr(codec, "_turned", None)
     if memo is None or memo[0] != key:
-        a, partner, angle = codec.host_mean
+        partner, angle, scale = tables(codec.rope_map).host
+        a = scale * codec.rope_mu.astype(np.float32)
         pos = np.array(position if rows else [position], np.float32)
         c = pos if blk == 1 else np.floor(pos / blk) * blk + (blk - 1) / 2
         phase = c.reshape(-1, 1, 1) * angle  # (rows, 1, d)
@@ -198,7 +272,7 @@ def _block_scores(codec, q: mx.array, q_rot: mx.array, fb: int, b0: int, b1: int
     ai, ap = ra[..., 0], ra[..., 1]  # (1 or B, H, 1, NP); a lone coordinate's B term meets sin(0) = 0
     qi, qp = mx.take(q, rp[:, 0], axis=-1), mx.take(q, rp[:, 1], axis=-1)  # (B, H, M, NP)
     ab = mx.concatenate([ai * qi + ap * qp, ai * qp - ap * qi], axis=-1)
-    trig = _trig(c.pair_angles, blk, b1)
+    trig = _trig(tables(c.rope_map).pair_angles, blk, b1)
     rows = trig[b0:b1] if fb == 0 else mx.concatenate([trig[:fb], trig[b0:b1]])
     return ab @ rows.T
 
@@ -229,7 +303,7 @@ class AtPositions:
     def turned(self, enc: dict, n: int) -> mx.array:
         """R_t mu in the stored domain for the n tokens of enc: float32 (B or 1, H, n, d)."""
         c = self.codec
-        return c.to_stored(rotate_at(c.rope_map, c.rope_mean, self.positions(enc, n), c.rope_block))
+        return c.to_stored(turned(c, self.positions(enc, n)))
 
     def encode(self, x: mx.array) -> dict:
         c, n = self.codec, x.shape[2]
@@ -238,8 +312,7 @@ class AtPositions:
         else:
             if self.per_row:
                 raise ValueError("a batch's codec encodes one token per row at a time")
-            turned = rotate(c.rope_map, c.rope_mean, self.start, n, c.rope_block)
-            out = c.encode_centred(x.astype(mx.float32) - turned)
+            out = c.encode_centred(x.astype(mx.float32) - turned(c, positions(self.start, n)))
         if self.keep_positions:
             out["pos"] = mx.broadcast_to(self._starts() + mx.arange(n, dtype=mx.int32), (x.shape[0], 1, n))
         return out
@@ -289,8 +362,17 @@ class AtPositions:
         return self.codec.accumulate(p, enc) + p @ self.turned(enc, p.shape[-1])
 
 
+def turned(codec, pos: mx.array) -> mx.array:
+    """A RoPE-centred codec's R_c(t) mu at positions pos (B or 1, 1, n): float32 (B, H, n, d), from its mean in
+    pairs where the map is in pairs, else from the mean and the map."""
+    pairs = codec.kernel_pairs()
+    if pairs is None:
+        return rotate_at(codec.rope_map, codec.rope_mean, pos, codec.rope_block)
+    return turn_pairs(pairs[0], codec.n_heads, codec.rope_map, pos, codec.rope_block)
+
+
 def at(codec, start, keep_positions: bool = False, span=None):
     """codec bound to positions from `start` (see AtPositions) when it is RoPE-centred, else codec itself."""
-    if getattr(codec, "rope_mean", None) is None:
+    if getattr(codec, "rope_map", None) is None:
         return codec
     return AtPositions(codec, start, keep_positions, span)

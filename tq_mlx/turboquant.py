@@ -24,12 +24,21 @@ from . import kernels
 from .affine_segment import AffineSegment
 from .codec import NORM_DTYPES
 from .packing import pack, packed_words, unpack
-from .rope_mean import host_mean, kernel_pairs
+from .rope_mean import kernel_pairs, tables
 from .rotation import HeadRotation, derive_seed, rotation_matrix
 from .trellis import ENCODE_BLOCK, TrellisSegment
 
 GRIDS = ("lloyd-max", "uniform", "trellis")
 QJL_KINDS = ("gaussian", "orthogonal")
+
+
+_ZEROS = {}  # (rows, d) -> zeros: the kernels' mean rows for codecs without a static mean, one per shape
+
+
+def _zeros(rows: int, d: int) -> mx.array:
+    if (rows, d) not in _ZEROS:
+        _ZEROS[rows, d] = mx.zeros((rows, d))
+    return _ZEROS[rows, d]
 
 
 def quantize_levels(u: mx.array, edges: mx.array, bits: int) -> mx.array:
@@ -230,14 +239,11 @@ class TurboQuant:
         self.mean = None if mean is None else mx.array(mean).astype(mx.float32)
         if rope is not None and mean is not None:
             raise ValueError("RoPE-aware centring replaces the static mean")
-        self.rope_map, self.rope_mean, self.rope_block = (
-            (None, None, 1) if rope is None else (rope[0], mx.array(rope[1], mx.float32), int(rope[2]))
-        )
-        # RoPE-centred keys: the mean as the kernels read it and a host copy (decode steps need no sync)
-        self._pairs = None if rope is None else kernel_pairs(self.rope_map, self.rope_mean)
-        self.host_mean = None if rope is None else host_mean(self.rope_map, self.rope_mean)
-        # the pairs' angles on the host: the reference path's [cos | sin] table (rope_mean._trig) is keyed by them
-        self.pair_angles = None if self._pairs is None else np.array(self._pairs[2])
+        # RoPE-centred keys: the mean on the host (`rope_mu`, its own dtype: float16 when fitted, for decode steps
+        # that need no sync) and in pairs on the device (what the kernels and the reference path read)
+        self.rope_map, self.rope_block = (None, 1) if rope is None else (rope[0], int(rope[2]))
+        self.rope_mu = None if rope is None else np.array(rope[1])
+        self._pairs = None if rope is None else kernel_pairs(self.rope_map, rope[1])
         self.weight = None if weight is None else mx.array(weight).astype(mx.float32)
         self.full_weight = self.weight is not None and self.weight.ndim == 3 + bool(batch)
         self._winv = None
@@ -247,12 +253,17 @@ class TurboQuant:
         self.kernel_encode = use_kernels and self.kernel_encodes()  # the caller decides
         self._maps = {}
         # the kernels' constant rows: one per head, or per (batch row, head) when a constant has a batch axis
-        rows = [a.shape[0] for a in (mean, weight, perm, self.rope_mean) if batch and a is not None]
+        rows = [a.shape[0] for a in (mean, weight, perm, self.rope_mu) if batch and a is not None]
         self.kernel_rows = n_heads * max(rows, default=1)
-        zeros = mx.zeros((self.kernel_rows, d))
+        zeros = _zeros(self.kernel_rows, d)
         # what tq_encode subtracts and the decode adds back: (kernel_rows, d)
         self.kernel_mean = zeros if mean is None else self._rows(self.mean)
         self.kernel_mean_rot = zeros if mean is None else self._rows(self.mean_rot)
+
+    @property
+    def rope_mean(self):
+        """RoPE-centred keys: the pre-RoPE mean ((B,) H, d) as an array (made from the host copy), else None."""
+        return None if self.rope_mu is None else mx.array(self.rope_mu)
 
     def _rows(self, a: mx.array, trailing: int = 1) -> mx.array:
         """A per-head constant ((B,) H, ..., *tail) with `trailing` tail dims as (kernel_rows, *tail) (row
@@ -273,12 +284,20 @@ class TurboQuant:
 
     @property
     def side_nbytes(self) -> int:
-        """Bytes of per-head constants held (rotation signs or matrices, means, weights, QJL matrices)."""
+        """Bytes of this codec's own constants (rotation signs or matrices, means, weights, QJL matrices, the
+        RoPE-centred mean on the host and in pairs); those shared with other layers are `shared_constants`."""
         extra = 0 if self.mean is None else self.mean.nbytes + self.mean_rot.nbytes
         extra += 0 if self.weight is None else self.weight.nbytes * (1 + (self._winv is not None))
-        if self.rope_mean is not None:
-            extra += self.rope_mean.nbytes + sum(a.nbytes for a in (*self.rope_map, *(self._pairs or ())))
+        if self.rope_mu is not None:
+            extra += self.rope_mu.nbytes + (0 if self._pairs is None else self._pairs[0].nbytes)
         return extra + self.rotation.nbytes + sum(s.side_nbytes for s in self.segments)
+
+    def shared_constants(self) -> list:
+        """Constants held once for every layer alike (arrays, device or host): the RoPE map and its tables, and
+        the zero rows the kernels read for a mean this codec does not have."""
+        if self.rope_map is None:
+            return []
+        return [*self.rope_map, *tables(self.rope_map).arrays(), self.kernel_mean]
 
     @property
     def bits_per_element(self) -> float:
@@ -287,9 +306,9 @@ class TurboQuant:
 
     def constants(self) -> list:
         """Every array the codec holds."""
-        out = [a for a in (self.mean, self.mean_rot, self.weight, self._winv, self.rope_mean) if a is not None]
-        out += [] if self.rope_map is None else list(self.rope_map)
-        out += list(self._pairs or ())
+        out = [a for a in (self.mean, self.mean_rot, self.weight, self._winv) if a is not None]
+        if self.rope_map is not None:
+            out += [*self.rope_map, *(self._pairs or ()), *(tables(self.rope_map).pairs or ())]
         out += [self.kernel_mean, self.kernel_mean_rot]
         out += [data for _, data in self.rotation.blocks]
         out += [a for a in (self.rotation.perm, self.rotation.inv_perm) if a is not None]
@@ -300,7 +319,7 @@ class TurboQuant:
     def calibration_state(self) -> dict:
         out = {} if self.rotation.perm is None else {"perm": self.rotation.perm}
         out = out if self.mean is None else {**out, "mean": self.mean}
-        if self.rope_mean is not None:
+        if self.rope_mu is not None:
             out.update({"rope_mean": self.rope_mean, **{f"rope_{k}": v for k, v in self.rope_map.state().items()}})
             out["rope_block"] = mx.array(self.rope_block, mx.int32)
         return out if self.weight is None else {**out, "weight": self.weight}
@@ -316,9 +335,9 @@ class TurboQuant:
             return "the uniform grid (MLX's quantized kernels serve it)"
         if seg.qjl:
             return "QJL"
-        if self.rope_mean is not None and self.rope_block == 1:
+        if self.rope_map is not None and self.rope_block == 1:
             return "RoPE-centred keys turned to every position (saved before blocks; the kernels add a term per block)"
-        if self.rope_mean is not None and self.kernel_pairs() is None:
+        if self.rope_map is not None and self.kernel_pairs() is None:
             return "RoPE-centred keys whose rotary map is not in pairs"
         if self.d not in kernels.SUPPORTED_D:
             return f"head_dim {self.d} not in {kernels.SUPPORTED_D}"
@@ -376,7 +395,7 @@ class TurboQuant:
 
     def encode(self, x: mx.array) -> dict:
         """Codes for x (B, H, T, d): a dict of arrays with leading dims (B, H, T)."""
-        if self.rope_mean is not None:
+        if self.rope_map is not None:
             raise ValueError("RoPE-centred codes depend on positions: encode through rope_mean.at(codec, start)")
         return self.encode_centred(x)
 
