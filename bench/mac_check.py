@@ -42,8 +42,9 @@ def _emulator():
 
 
 def instantiations(full: bool, metal: bool, dims=DIMS):
-    """(D, K bits, V bits, G, tokens, tiny, static) to check; static: keys centred after RoPE (the -static presets,
-    and layers whose RoPE tq-mlx cannot read), else before it (the presets' default: tq_rope_bias runs too)."""
+    """(D, K bits, V bits, G, tokens, tiny, keys) to check; keys "static": centred after RoPE (the -static presets,
+    and layers whose RoPE tq-mlx cannot read), "rope": before it (the presets' default: tq_rope_bias runs too),
+    "ring": before it, in a sliding window's wrapped ring (tq_decode computes each slot's position)."""
     yield from (i for i in _instantiations(full, metal) if i[0] in dims)
 
 
@@ -52,21 +53,24 @@ def _instantiations(full, metal):
         bits = [(b, b) for b in range(1, 9)] + [(4, 3), (8, 4), (4, 2), (3, 2)]
         heads = range(1, 9)
         big = 3000 if metal else 300
-        for D, (kb, vb), G, static in itertools.product(DIMS, bits, heads, (False, True)):
-            yield D, kb, vb, G, big, False, static
+        for D, (kb, vb), G, keys in itertools.product(DIMS, bits, heads, ("rope", "static")):
+            yield D, kb, vb, G, big, False, keys
+        for D, G in itertools.product(DIMS, (1, 4, 8)):
+            yield D, 4, 4, G, big, False, "ring"
         for D in DIMS:
-            yield D, 4, 4, 4, 4, True, False
+            yield D, 4, 4, 4, 4, True, "rope"
         return
     for D in DIMS:
         for G in (1, 4, 7):
-            yield D, 4, 3, G, 150, False, False
-        yield D, 4, 4, 4, 150, False, True
-        yield D, 4, 4, 4, 4, True, False
+            yield D, 4, 3, G, 150, False, "rope"
+        yield D, 4, 4, 4, 150, False, "static"
+        yield D, 4, 4, 4, 150, False, "ring"
+        yield D, 4, 4, 4, 4, True, "rope"
     for kb, vb in ((1, 1), (2, 2), (3, 3), (5, 5), (6, 6), (7, 7), (8, 8)):
-        yield 128, kb, vb, 4, 150, False, False
+        yield 128, kb, vb, 4, 150, False, "rope"
 
 
-def check(D, kb, vb, G, T, tiny, static=False, seed=0):
+def check(D, kb, vb, G, T, tiny, keys="rope", seed=0):
     """Max error of the kernel path against the reference path (relative to the output scale), or raises."""
     import tq_mlx
     from tq_mlx.attention import attention
@@ -75,9 +79,10 @@ def check(D, kb, vb, G, T, tiny, static=False, seed=0):
     from .memory import stand_in_rope
 
     H = 2
-    cfg = tq_mlx.resolve_config(f"k{kb}v{vb}{'-static' if static else ''}", quant_start=0, fp_window=2)
+    cfg = tq_mlx.resolve_config(f"k{kb}v{vb}{'-static' if keys == 'static' else ''}", quant_start=0, fp_window=2)
     os.environ["TQ_MLX_ATTENTION"] = "reference"
-    cache = tq_mlx.TurboQuantKVCache(cfg, rope=stand_in_rope(cfg, D))
+    ring = dict(max_size=T // 2, keep=4) if keys == "ring" else {}  # decode steps then wrap it
+    cache = tq_mlx.TurboQuantKVCache(cfg, rope=stand_in_rope(cfg, D), **ring)
     k = mx.random.normal((1, H, T, D), key=mx.random.key(seed))
     cache.update_and_fetch(k, k * 0.5)
     attention(cache, mx.random.normal((1, H * G, T, D), key=mx.random.key(seed + 1)), D**-0.5, "causal")
@@ -95,6 +100,8 @@ def check(D, kb, vb, G, T, tiny, static=False, seed=0):
         got = np.array(attention(cache, q, D**-0.5))
         os.environ["TQ_MLX_ATTENTION"] = "reference"
         err = max(err, float(np.abs(got - ref).max() / max(1.0, np.abs(ref).max())))
+    if ring:
+        return err
     x = mx.random.normal((1, H, 5, D), key=mx.random.key(seed + 9))
     cache.update_and_fetch(x, x)
     q = mx.random.normal((1, H * G, 5, D), key=mx.random.key(seed + 10))
@@ -132,15 +139,16 @@ def main(args, base, argv):
     todo = list(instantiations(args.full, metal, tuple(int(d) for d in args.dims.split(","))))
     tol = 2e-5
     with patch if patch is not None else contextlib.nullcontext():
-        for D, kb, vb, G, T, tiny, static in tqdm(todo, desc="instantiations", disable=args.no_progress):
-            key = f"D{D}-k{kb}v{vb}{'-static' if static else ''}-G{G}-T{T}{'-tiny' if tiny else ''}"
+        for D, kb, vb, G, T, tiny, keys in tqdm(todo, desc="instantiations", disable=args.no_progress):
+            suffix = "" if keys == "rope" else f"-{keys}"
+            key = f"D{D}-k{kb}v{vb}{suffix}-G{G}-T{T}{'-tiny' if tiny else ''}"
             if res.done(key):
                 continue
-            rec = {"D": D, "kb": kb, "vb": vb, "static": static, "G": G, "T": T, "tiny": tiny}
+            rec = {"D": D, "kb": kb, "vb": vb, "keys": keys, "G": G, "T": T, "tiny": tiny}
             kernels._VERIFIED.clear()
             try:
                 t = time.perf_counter()
-                rec["max_err"] = check(D, kb, vb, G, T, tiny, static)
+                rec["max_err"] = check(D, kb, vb, G, T, tiny, keys)
                 rec["seconds"] = time.perf_counter() - t
                 rec["ok"] = rec["max_err"] <= tol and not any(v is False for v in kernels._VERIFIED.values())
                 if not rec["ok"] and rec["max_err"] <= tol:
@@ -163,9 +171,9 @@ def main(args, base, argv):
     )
     sections = [("Summary", summary + ("" if metal else " Timings need a Mac: none were measured here."))]
     if bad:
-        cols = ["D", "kb", "vb", "static", "G", "T", "tiny", "max_err", "error"]
+        cols = ["D", "kb", "vb", "keys", "G", "T", "tiny", "max_err", "error"]
         sections.append(("Failures", report.md_table(bad, cols)))
-    cols = ["D", "kb", "vb", "static", "G", "T", "tiny", "max_err", "ok"]
+    cols = ["D", "kb", "vb", "keys", "G", "T", "tiny", "max_err", "ok"]
     sections.append(("Instantiations", report.md_table(rows, cols)))
     if timings:
         sections.append(

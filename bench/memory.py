@@ -136,7 +136,6 @@ def layer_model(name, kinds, h, d, fp_bytes=2, boundary=0):
             out.append(Layer("fp", fp_tok, window=w))
             continue
         tok = codec_cost(cfg.keys, cfg, h, d, i, "k") + codec_cost(cfg.values, cfg, h, d, i, "v")
-        tok += 4 if w is not None and stand_in_rope(cfg, d) is not None else 0  # a ring's positions, int32
         probe = tq_mlx.TurboQuantKVCache(cfg, i, max_size=w)
         const, shared = layer_constant(cfg, i, h, d, w)
         out.append(

@@ -5,7 +5,7 @@
 //           G (query heads per KV head), GH (query heads per threadgroup: 1, 2 or 4), ROT (0: Hadamard,
 //           `qmap` (CH, D) scales q before the unnormalised transform; 1: dense, q' = qmap[h] q), RB (0, or
 //           RoPE-centred keys: positions per block of the turned key mean, whose term `kf` holds), RPOS
-//           (RB > 0: 0, code slot t at position S + t; 1, at position kpos[t], a sliding window's ring).
+//           (RB > 0: 0, code slot t at position S + t; 1, a sliding window's ring, at a position kring gives).
 // Inputs:  q (B*H*G*D) QT raw queries; scale (float); qmap (CH, D) or (CH, D, D); kmr (CH, D) f32 key mean in
 //          the stored domain (CH = H, or B*H when each batch row has codecs of its own: row b*H + h);
 //          kc (B, H, cap, WK) u32, kn (B, H, cap) NT, vc (B, H, cap, WV) u32, vn (B, H, cap) NT: the code
@@ -14,7 +14,8 @@
 //          tokens (a batch row not yet calibrated; any float type); lens int32 (LB, 4), LB = B or 1 (shared):
 //          per batch row [T, S, R, E] coded, sink, window and exact tokens; kf (B*H*G, NF) f32 (RB > 0): the
 //          turned key mean's term per query row and block of RB positions (tq_rope_bias) from block FB0 on;
-//          kpos (B, 1, cap) int32 (RPOS): each code slot's position; params int32 [BLK, FB0, FRONT]: keys
+//          kring (B or 1, 4) int32 (RPOS): per batch row [keep, split, off, wrap], slot t at position t if
+//          t < keep, else t + off, plus wrap if t < split (rope_mean.RingSlots); params int32 [BLK, FB0, FRONT]: keys
 //          per block; kf's entry for position t: block t / RB - FB0, or with FRONT = 1 (a ring that keeps its
 //          first tokens) block t / RB for t < TQ_ROPE_TILE * RB and TQ_ROPE_TILE + t / RB - FB0 after.
 //          Counts are read at run time (no recompile per step); a row's slots past its counts are never read.
@@ -48,7 +49,8 @@
 // instead of the norm's multiply, and the step of its index (an add: the lane's key moves NSG * KPI positions,
 // FSTEP blocks, per step): +2 per step = +1 per key row (79), plus ~3.3 per key row in tq_rope_bias: ~82 in all.
 // Where RB does not divide NSG * KPI (D = 256) the index is the block of the key's position (add, shift, add):
-// +4 per step; a ring (RPOS) loads each slot's position and picks the front tile or the rest: +4 more.
+// +4 per step; a ring (RPOS) computes each slot's position (2 compares, 2 selects, 2 adds) and picks the front
+// tile or the rest: +8 more.
 // Trellis codes (KL = VL = 10 at KB = VB = 4) read windows instead of codes: per chunk a shuffle and a shift
 // for the previous chunk's bits, 3 to join them, and 19 instead of 15 to cut 8 windows: +9 for K, +9 for V
 // = 174 per step = 87 per key row.
@@ -164,7 +166,8 @@
     const int front = params[2];
     const uint fsplit = front ? uint(TQ_ROPE_TILE * RBX) : 0u;
     const uint fshift = uint(front * TQ_ROPE_TILE - params[1]);  // added to t / RB past the front tile
-    const size_t prow = size_t(bh / H) * kpos_shape[2];
+    const int rrow = (kring_shape[0] > 1 ? int(bh / H) : 0) * 4;  // this row's ring layout (RPOS)
+    const int rkeep = kring[rrow], rsplit = kring[rrow + 1], roff = kring[rrow + 2], rwrap = kring[rrow + 3];
 
     // 4. the block's keys: KPI per simdgroup step, simdgroups interleaved
     const int t0 = fpb ? 0 : blk * BLK;
@@ -236,7 +239,7 @@
                 s[0] += simd_shuffle_xor(s[0], ushort(off));
             }
         }
-        const int pos = (RPOS && !fpb) ? kpos[prow + tl] : S + tl;  // the fp16 block reads no kpos
+        const int pos = (RPOS && !fpb) ? (tl < rkeep ? tl : tl + roff + (tl < rsplit ? rwrap : 0)) : S + tl;
         const size_t fat = FSTEP ? size_t(fi) : frow + uint(pos) / RBX + (uint(pos) < fsplit ? 0u : fshift);
         const float fmean = (RB && !fpb) ? kf[fat] : 0.0f;
         fi += FSTEP;

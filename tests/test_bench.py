@@ -67,8 +67,8 @@ def test_memory_config_model_matches_nbytes(tmp_path):
         assert set(r["total"]) == {"256", "1024"}
     # sliding layers hold their window: at 1024 tokens the fp cache is (2 * 1024 + 2 * 256) tokens x layer bytes
     assert e["fp"]["total"]["1024"] == (2 * 1024 + 2 * 256) * 2 * 64 * 2 * 2
-    # 4.25 bits, plus in the sliding layers (half) each ring slot's position (int32 per token, keys centred before RoPE)
-    assert e["k4v4"]["bpe"] == pytest.approx(4.25 + 0.5 * 32 / (2 * 2 * 64))
+    # 4.25 bits, in sliding layers too: a ring's slots hold no positions (its layout gives them)
+    assert e["k4v4"]["bpe"] == pytest.approx(4.25)
     assert e["k4v4"]["total"]["1024"] < e["affine4"]["total"]["1024"] < e["fp"]["total"]["1024"]
     # boundary layers keep the fp cache
     argv += ["--boundary-layers", "1", "--tag", "mem-b"]
@@ -256,11 +256,11 @@ def test_kernel_bench_fills_contexts_beyond_one_chunk():
 def test_mac_check_runs_on_the_emulator_and_says_timings_need_a_mac(tmp_path, capsys):
     assert cli.main(["mac-check", "--dims", "64", "--out", str(tmp_path), "--no-progress"]) == 0
     entries = _load(tmp_path, "mac-check")
-    assert len(entries) == 5 and all(r["ok"] for r in entries.values()), entries
+    assert len(entries) == 6 and all(r["ok"] for r in entries.values()), entries
     assert {r["G"] for r in entries.values()} >= {1, 4, 7} and any(r["tiny"] for r in entries.values())
-    assert {r["static"] for r in entries.values()} == {False, True}  # keys centred before RoPE (default) and after
+    assert {r["keys"] for r in entries.values()} == {"rope", "static", "ring"}  # before RoPE, after, in a ring
     md = (tmp_path / "mac-check.md").read_text()
-    assert "5 of 5 instantiations agree" in md and "Timings need a Mac" in md
+    assert "6 of 6 instantiations agree" in md and "Timings need a Mac" in md
     assert (tmp_path / "mac-check.png").stat().st_size > 0
 
 

@@ -332,8 +332,8 @@ def test_rope_bias_kernel_turns_the_mean_to_block_centres_far_out(dims):
     assert np.abs(np.array(f[:, :nb]) - np.array(want)).max() <= 1e-3 * np.abs(np.array(want)).max()
 
 
-def test_rope_centred_ring_decodes_on_the_kernels_with_the_positions_its_codes_keep(monkeypatch):
-    """A sliding window's ring, wrapped: tq_decode reads each code slot's position (kpos) for its block, from
+def test_rope_centred_ring_decodes_on_the_kernels_at_the_positions_its_layout_gives(monkeypatch):
+    """A sliding window's ring, wrapped: tq_decode computes each code slot's position (kring) for its block, from
     the front tile of kf (the first tokens, kept) or the blocks of the recent ones."""
     import mlx.nn as nn
 
@@ -356,6 +356,6 @@ def test_rope_centred_ring_decodes_on_the_kernels_with_the_positions_its_codes_k
         else:
             got, ref = _both(cache, q, D**-0.5, None, None, monkeypatch)
             _close(got, ref, 2e-5)
-    assert "pos" in cache.code_buffers().k
+    assert cache.codes.start > 0 and cache.ring_slots() is not None
     ran = [ok for key, ok in K._VERIFIED.items() if key[1] == "decode" and key[-2] == 16 and key[-1]]
     assert ran and all(ran)

@@ -116,14 +116,15 @@ def test_rope_centred_codes_are_only_encoded_with_their_positions():
     assert isinstance(cache.blocks()[1].k_codec, AtPositions)
 
 
-def test_a_sliding_layer_reads_its_ring_with_the_positions_its_codes_keep():
+def test_a_sliding_layer_reads_its_ring_at_the_positions_its_layout_gives():
     rmap, keys, values = _rope_keys(140)
     cfg = tq_mlx.CacheConfig(
         keys=tq_mlx.CodecSpec(bits=8, center="rope"), values=tq_mlx.CodecSpec(bits=8), quant_start=64
     )
     cache = TurboQuantKVCache(cfg, max_size=128, keep=4, rope=rmap)
     _feed(cache, keys, values, [100] + [1] * 40)  # the ring wraps
-    assert cache.k_codec.rope_mean is not None and "k_pos" in cache.codes.view()
+    assert cache.k_codec.rope_mean is not None and cache.codes.start > 0  # wrapped
+    assert "k_pos" not in cache.codes.view()  # no position held per slot
     got, _ = cache.all_arrays()
     held = list(range(4)) + list(range(140 - 124, 140))
     assert mx.allclose(got, keys[:, :, mx.array(held)], atol=0.05)
@@ -242,3 +243,38 @@ def test_a_rope_centred_layer_holds_no_more_than_a_static_mean():
         _feed(c, keys, values, [256, 1])
         side[name] = c.k_codec.side_nbytes
     assert side["k4v4"] <= side["k4v4-static"]
+
+
+def test_a_ring_s_slot_positions_follow_from_its_layout():
+    from tq_mlx.rope_mean import RingSlots
+
+    class Ring:  # a wrapped ring of 10 slots keeping 3: slots 3..9 rotate, the oldest in slot 3 + 4
+        ring, start, length = (10, 3), 4, 10
+
+    slots = RingSlots.of([(Ring, 50)])  # the next code takes position 50: the rotating ones hold 43..49
+    assert slots.positions(10).tolist() == [[[0, 1, 2, 46, 47, 48, 49, 43, 44, 45]]]
+    assert RingSlots.of([(Ring, 50)], ordered=True).positions(10).tolist() == [[[0, 1, 2, *range(43, 50)]]]
+
+
+def test_a_saved_ring_whose_positions_disagree_with_its_layout_is_refused(tmp_path):
+    from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
+
+    rmap, keys, values = _rope_keys(140)
+    cache = TurboQuantKVCache(tq_mlx.resolve_config("k4v4", quant_start=64), max_size=128, keep=4, rope=rmap)
+    _feed(cache, keys, values, [100] + [1] * 40)
+    path = str(tmp_path / "ring.safetensors")
+    save_prompt_cache(path, [cache])
+    arrays = dict(mx.load(path, return_metadata=True)[0])
+    meta = mx.load(path, return_metadata=True)[1]
+    n = cache.codes.length
+    good = cache.ring_slots(ordered=True).positions(n)
+    for pos, ok in ((good, True), (good + 1, False)):  # a file from before RingSlots held each slot's position
+        arrays = {k: v for k, v in arrays.items() if not k.endswith("codes_k_pos")}
+        key = next(k for k in arrays if k.endswith("codes_k_norm0"))
+        arrays[key.replace("k_norm0", "k_pos")] = pos
+        mx.save_safetensors(path, arrays, meta)
+        if ok:
+            assert load_prompt_cache(path)[0].ring_slots() is not None
+        else:
+            with pytest.raises(tq_mlx.CacheStateError, match="do not follow its layout"):
+                load_prompt_cache(path)

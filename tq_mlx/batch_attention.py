@@ -24,7 +24,7 @@ from .cache_state import prefixed
 from .fp16_codec import FP16
 from .metal_attention import _placeholder, decode_on_kernels
 from .partials import group_queries, sink_partial, ungroup
-from .rope_mean import at
+from .rope_mean import RingSlots, at
 
 
 def batch_attention(batch, queries, scale, mask=None, sinks=None, keys=None, values=None):
@@ -144,11 +144,19 @@ def _blocks(batch):
             continue
         view = {n: a[:, :, :T] for n, a in st.buffers.items()}
         if name == "codes":
-            kc = at(ck, [r.sink.length for r in batch.rows], span=code_span(batch))
+            kc = at(ck, [r.sink.length for r in batch.rows], ring_slots(batch), code_span(batch))
             out.append((kc, cv, prefixed(view, "k_"), prefixed(view, "v_"), _valid(st, T)))
         else:
             out.append((FP16, FP16, {"x": view["k"]}, {"x": view["v"]}, _valid(st, T)))
     return out
+
+
+def ring_slots(batch):
+    """RoPE-centred keys in rings: where each row's code slots sit in position (`TurboQuantKVCache.ring_slots`)."""
+    rows = batch.rows
+    if not rows or rows[0].max_size is None or getattr(batch.codecs()[0], "rope_map", None) is None:
+        return None
+    return RingSlots.of([(r.codes, r.sink.length + r.encoded) for r in rows])
 
 
 def code_span(batch):
@@ -216,4 +224,6 @@ def _kernel_decode(batch, queries, scale, sinks):
     lens = mx.array(counts, mx.int32)
     ck, cv = batch.codecs()
     first, last, _ = code_span(batch)
-    return decode_on_kernels(queries, scale, sinks, ck, cv, buf, fp, lens, codes.longest, first, last)
+    return decode_on_kernels(
+        queries, scale, sinks, ck, cv, buf, fp, lens, codes.longest, first, last, ring_slots(batch)
+    )

@@ -81,7 +81,7 @@ def store_step(batch, keys, values):
         else:
             src = {"k": keys, "v": values}
         ck, cv = batch.codecs()
-        ck = at(ck, _code_positions(batch, slots["codes"]), keep_positions=not batch.rows[0]._keeps_front)
+        ck = at(ck, _code_positions(batch, slots["codes"]))
         enc = {f"k_{n}": a for n, a in ck.encode(src["k"]).items()}
         enc.update({f"v_{n}": a for n, a in cv.encode(src["v"]).items()})
         st["codes"].write(enc, filled("codes"))

@@ -52,7 +52,7 @@ from .codec_factory import Calibration, build_codec, check_dims, needs_queries
 from .config import CacheConfig, resolve_config
 from .fp16_codec import FP16, FP_KEY
 from .handouts import HandsOut
-from .rope_mean import RopeMap, at, tables
+from .rope_mean import RingSlots, RopeMap, at, tables
 from .sharding import Shard
 from .store import TokenStore
 
@@ -275,7 +275,7 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
     def _encode(self, tokens: dict) -> dict:
         start = self.sink.length + self.encoded  # the first token's position (RoPE-centred keys)
         self.encoded += tokens["k"].shape[2]
-        kc = at(self.k_codec, start, keep_positions=not self._keeps_front)
+        kc = at(self.k_codec, start)
         enc = {f"k_{n}": a for n, a in kc.encode(tokens["k"]).items()}
         enc.update({f"v_{n}": a for n, a in self.v_codec.encode(tokens["v"]).items()})
         return enc
@@ -423,7 +423,7 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
                 view = self.codes.ordered() if ordered else self.codes.view()
                 fp = self.k_codec is FP16 and self.v_codec is FP16
                 k, v = prefixed(view, "k_"), prefixed(view, "v_")
-                kc = at(self.k_codec, self.sink.length, span=self.code_span())  # RoPE-centred keys: positions
+                kc = at(self.k_codec, self.sink.length, self.ring_slots(ordered), self.code_span())  # positions
                 out.append(Block(kc, self.v_codec, k, v, fp, self.codes.length))
             if self.window.length:
                 out.append(_fp_block(self.window, ordered))
@@ -436,6 +436,13 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
         `keep` first ones."""
         last = self.sink.length + self.encoded - 1
         return max(last + 1 - self.codes.length, 0), last, 0 if self._keeps_front else self.keep
+
+    def ring_slots(self, ordered: bool = False):
+        """RoPE-centred keys in a ring (a sliding layer): where its code slots sit in position (RingSlots; ordered:
+        laid out as `codes.ordered()`); else None."""
+        if not self._positional or self.max_size is None:
+            return None
+        return RingSlots.of([(self.codes, self.sink.length + self.encoded)], ordered)
 
     def linearize(self):
         """Put ring slots in temporal order (for a positional mask at decode)."""

@@ -83,6 +83,7 @@ def restore(cache, st):
     cache.shape = tuple(shape) if shape else None
     cache.calibration_length = calibrated
     cache.encoded = int(meta.get("encoded", counts["codes"]))  # files from before it: codes in position order
+    saved_pos = stores["codes"].pop("k_pos", None)  # files from before RingSlots: each ring slot's position
     for name in STORES:
         getattr(cache, name).load(stores[name])
     cache.qstats = QueryStats.from_state(qstats) if qstats else None
@@ -97,3 +98,14 @@ def restore(cache, st):
             why = f"{type(e).__name__}: {e}"
             raise CacheStateError(f"corrupt cache state: the codecs cannot be rebuilt ({why})") from None
         cache._configure_window()
+    if saved_pos is not None:
+        _check_ring_positions(cache, saved_pos)
+
+
+def _check_ring_positions(cache, saved: mx.array):
+    """A file from before RingSlots holds each ring code slot's position: they must be where the ring's layout
+    puts them (the positions then follow from it and are not kept)."""
+    ring = cache.ring_slots()
+    n = saved.shape[2]
+    if ring is None or not mx.array_equal(saved, mx.broadcast_to(ring.positions(n), saved.shape)).item():
+        raise CacheStateError("corrupt cache state: the ring's saved code positions do not follow its layout")

@@ -51,7 +51,7 @@ _SPECS = {
     "tq_encode": (["x", "mean", "map", "levels", "edges", "params"], ["codes", "norm"]),
     "tq_decode": (
         ["q", "scale", "qmap", "kmr", "kc", "kn", "vc", "vn", "kcb", "vcb", "sk", "sv", "wk", "wv", "ek", "ev", "lens"]
-        + ["kf", "kpos", "params"],
+        + ["kf", "kring", "params"],
         ["po", "pm", "pl"],
     ),
     "tq_merge": (["po", "pm", "pl", "vmr", "omap", "sinks", "params"], ["out"]),
@@ -277,10 +277,10 @@ def decode_partials(
     (B, H, cap, ...)); sk/sv (B, H, SC, D) and wk/wv (B, H, RC, D) fp16 sink and window tokens, ek/ev
     (B, H, EC, D) exact tokens; lens int32 (B or 1, 4): each row's [coded, sink, window, exact] counts.
     qmap, kmr: (H or B*H, D(, D)) constants (see tq_decode.metal); kfmt / vfmt: (code bits, trellis window
-    bits) when kcb / vcb are trellis tables.  rope (RoPE-centred keys): (kf, block, fb0, kpos, front), kf
+    bits) when kcb / vcb are trellis tables.  rope (RoPE-centred keys): (kf, block, fb0, kring, front), kf
     (B*H*G, NF) the turned mean's term per block of `block` positions (rope_bias) from block fb0 on (after
-    a front tile if `front`), kpos (B, 1, cap) int32 each code slot's position (a ring; None: slot t is
-    at position (sinks) + t).
+    a front tile if `front`), kring (B or 1, 4) int32 each row's ring layout (`RingSlots.offsets`, a numpy array
+    or an array; None: slot t is at position (sinks) + t).
     Returns po (B*H*G, NB+1, D), pm, pl (B*H*G, NB+1) float32."""
     (kb, kl), (vb, vl) = _format(kcb, kfmt), _format(vcb, vfmt)
     B, H = kn.shape[:2]
@@ -289,10 +289,14 @@ def decode_partials(
     HG = -(-G // GH)
     blk, nb = num_blocks(T, B * H * HG, block)
     rows = B * H * G
-    kf, rope_block, fb0, kpos, front = rope or (None, 0, 0, None, False)
+    kf, rope_block, fb0, kring, front = rope or (None, 0, 0, None, False)
     return kernel("tq_decode")(
         inputs=[q, float(scale), qmap, kmr, kc, kn, vc, vn, kcb, vcb, sk, sv, wk, wv, ek, ev, lens]
-        + [_no_bias() if kf is None else kf, _no_pos() if kpos is None else kpos, _params(blk, fb0, int(front))],
+        + [
+            _no_bias() if kf is None else kf,
+            _no_ring() if kring is None else mx.array(kring, mx.int32),
+            _params(blk, fb0, int(front)),
+        ],
         template=[
             ("QT", q.dtype),
             ("NT", kn.dtype),
@@ -305,7 +309,7 @@ def decode_partials(
             ("GH", GH),
             ("ROT", int(qmap.ndim == 3)),
             ("RB", int(rope_block) if kf is not None else 0),
-            ("RPOS", int(kf is not None and kpos is not None)),
+            ("RPOS", int(kf is not None and kring is not None)),
         ],
         grid=(32 * NSG, B * H * HG, nb + 1),
         threadgroup=(32 * NSG, 1, 1),
@@ -323,11 +327,11 @@ def _no_bias() -> mx.array:
     return z
 
 
-def _no_pos() -> mx.array:
-    """The placeholder kpos input of tq_decode (code slots in position order), made once."""
-    z = _NO_SINKS.get("kpos")
+def _no_ring() -> mx.array:
+    """The placeholder kring input of tq_decode (code slots in position order), made once."""
+    z = _NO_SINKS.get("kring")
     if z is None:
-        z = _NO_SINKS["kpos"] = mx.zeros((1, 1, 1), mx.int32)
+        z = _NO_SINKS["kring"] = mx.zeros((1, 4), mx.int32)
         mx.eval(z)
     return z
 

@@ -52,7 +52,7 @@ def kernel_decode(cache, queries, scale, sinks=None):
     fp = ((sk, sv), (wk, wv), (z, z))
     first, last, _ = cache.code_span()
     return decode_on_kernels(
-        queries, scale, sinks, cache.k_codec, cache.v_codec, buf, fp, lens, buf.length, first, last
+        queries, scale, sinks, cache.k_codec, cache.v_codec, buf, fp, lens, buf.length, first, last, cache.ring_slots()
     )
 
 
@@ -69,13 +69,13 @@ def _rope_term(ck, queries, scale, G, first, last, front):
     return K.rope_bias(queries, scale, *pairs, b0, nb, blk, G, front), blk, b0
 
 
-def decode_on_kernels(queries, scale, sinks, ck, cv, buf, fp, lens, T, first, last):
+def decode_on_kernels(queries, scale, sinks, ck, cv, buf, fp, lens, T, first, last, ring=None):
     """tq_rope_bias (RoPE-centred keys) + tq_decode + tq_merge: queries (B, Hq, 1, D) against the codes in `buf`
     (CodeBuffers: full buffers), the fp tokens fp = ((sink k, v), (window k, v), (exact k, v)) (B, H, capacity,
     D) and per-row counts lens (B or 1, 4) [coded, sink, window, exact]; T: the most coded tokens of any row;
     first, last (RoPE-centred keys): every code slot's position is in first .. last (`code_span`), or one of a
-    ring's front tokens (each slot's position is buf.k["pos"] in a ring, else the row's sinks'
-    count + the slot).  ck, cv: codecs whose constants are per head or per batch row.
+    ring's front tokens (ring, RingSlots: where each slot sits in a ring; else at the row's sinks' count + the
+    slot).  ck, cv: codecs whose constants are per head or per batch row.
     (B, Hq, 1, D) in queries.dtype, or None (kernel unusable)."""
     B, Hq, _, D = queries.shape
     G = Hq // buf.k["norm0"].shape[1]
@@ -83,7 +83,7 @@ def decode_on_kernels(queries, scale, sinks, ck, cv, buf, fp, lens, T, first, la
     (sk, sv), (wk, wv), (ek, ev) = fp
 
     def run():
-        front = "pos" in buf.k
+        front = ring is not None
         kf, rope_block, fb0 = _rope_term(ck, queries, scale, G, first, last, front)
         po, pm, pl = K.decode_partials(
             queries,
@@ -107,7 +107,7 @@ def decode_on_kernels(queries, scale, sinks, ck, cv, buf, fp, lens, T, first, la
             G,
             kfmt=ck.kernel_format,
             vfmt=cv.kernel_format,
-            rope=None if kf is None else (kf, rope_block, fb0, buf.k.get("pos"), front),
+            rope=None if kf is None else (kf, rope_block, fb0, None if ring is None else ring.offsets(), front),
         )
         return K.merge(po, pm, pl, cv.kernel_mean_rot, omap, sinks, G, queries.dtype)
 
@@ -123,7 +123,7 @@ def decode_on_kernels(queries, scale, sinks, ck, cv, buf, fp, lens, T, first, la
         qmap.ndim,
         sinks is not None,
         ck.rope_block if ck.kernel_pairs() is not None else 0,
-        "pos" in buf.k,
+        ring is not None,
     )
     out = K.guarded(key, run)
     return None if out is None else out.reshape(B, Hq, 1, D)
@@ -138,15 +138,14 @@ def kernel_prefill(cache, queries, scale, mask=None, sinks=None):
 
     def dequant():
         out = []
-        for codec, enc in ((at(ck, cache.sink.length), buf.k), (cv, buf.v)):
+        for codec, enc in ((at(ck, cache.sink.length, cache.ring_slots()), buf.k), (cv, buf.v)):
             y = K.dequantize(
                 enc["codes0"], enc["norm0"], codec.levels, buf.length, codec.d, dtype, fmt=codec.kernel_format
             )
             if codec.mean_rot is not None:
                 y = (y.astype(mx.float32) + codec.mean_rot).astype(dtype)
             if isinstance(codec, AtPositions):  # RoPE-centred keys: the turned mean, by MLX ops (prefill)
-                pos = {"pos": enc["pos"][:, :, : buf.length]} if "pos" in enc else {}
-                y = (y.astype(mx.float32) + codec.turned(pos, buf.length)).astype(dtype)
+                y = (y.astype(mx.float32) + codec.turned(buf.length)).astype(dtype)
             out.append(y)
         return out
 

@@ -277,15 +277,49 @@ def _block_scores(codec, q: mx.array, q_rot: mx.array, fb: int, b0: int, b1: int
     return ab @ rows.T
 
 
+class RingSlots(NamedTuple):
+    """Where the code slots of a ring (a sliding layer's RoPE-centred keys) sit in position, per batch row b: slots
+    0 .. keep - 1 hold positions 0 .. keep - 1 (the first tokens, kept); the others hold consecutive positions, the
+    oldest, base[b], in slot keep + start[b], wrapping from slot size - 1 back to slot keep.  So a ring holds no
+    position per slot: each follows from its slot."""
+
+    keep: int
+    size: int
+    start: tuple
+    base: tuple
+
+    @classmethod
+    def of(cls, rows, ordered: bool = False) -> "RingSlots":
+        """rows: (store, next) per batch row, its ring store (TokenStore or a batch's RowStore) and the position
+        its next code will take; ordered: the slots as `store.ordered()` lays them out (start 0)."""
+        size, keep = rows[0][0].ring
+        start = tuple(0 if ordered else st.start for st, _ in rows)
+        return cls(keep, size, start, tuple(nxt - max(st.length - keep, 0) for st, nxt in rows))
+
+    def offsets(self) -> np.ndarray:
+        """int32 (B, 4) per row [keep, split, off, wrap]: slot t holds t (t < keep), else t + off, plus wrap if
+        t < split (as tq_decode computes it)."""
+        rows = [
+            [self.keep, self.keep + s, b - self.keep - s, self.size - self.keep] for s, b in zip(self.start, self.base)
+        ]
+        return np.array(rows, np.int32)
+
+    def positions(self, n: int) -> mx.array:
+        """The positions of slots 0 .. n - 1: int32 (B, 1, n), made on the host (no sync)."""
+        keep, split, off, wrap = self.offsets().T[:, :, None]
+        t = np.arange(n, dtype=np.int32)[None]
+        return mx.array(np.where(t < keep, t, t + off + np.where(t < split, wrap, 0)).astype(np.int32)[:, None])
+
+
 class AtPositions:
     """A RoPE-centred key codec bound to positions: token t of an encoding at position start + t, `start` an int,
-    or one per batch row (a list: a batch's stacked codec).  keep_positions: encodings also hold their positions
-    ("pos", int32 (B, 1, n): codes in a ring, whose slots are not in position order), and reading uses them;
-    span (first, last, front) then bounds them: every slot holds one of the `front` first positions (a ring's
-    kept tokens) or a position in first .. last.  Every other attribute is the codec's."""
+    or one per batch row (a list: a batch's stacked codec).  ring: the codes are a ring's (RingSlots: slots are not
+    in position order), and reading takes each slot's position from it; span (first, last, front) then bounds
+    them: every slot holds one of the `front` first positions (a ring's kept tokens) or a position in
+    first .. last.  Every other attribute is the codec's."""
 
-    def __init__(self, codec, start, keep_positions: bool = False, span=None):
-        self.codec, self.start, self.keep_positions, self.span = codec, start, keep_positions, span
+    def __init__(self, codec, start, ring: RingSlots = None, span=None):
+        self.codec, self.start, self.ring, self.span = codec, start, ring, span
         self.per_row = isinstance(start, (list, tuple))
         self.starts = list(start) if self.per_row else [start]
 
@@ -296,14 +330,14 @@ class AtPositions:
         """start as int32 (1 or B, 1, 1)."""
         return mx.array(self.starts, mx.int32)[:, None, None]
 
-    def positions(self, enc: dict, n: int) -> mx.array:
-        """The position of each of the n slots of enc: int32 (B or 1, 1, n)."""
-        return enc["pos"][..., :n] if "pos" in enc else self._starts() + mx.arange(n, dtype=mx.int32)
+    def positions(self, n: int) -> mx.array:
+        """The position of each of the first n slots: int32 (B or 1, 1, n)."""
+        return self.ring.positions(n) if self.ring is not None else self._starts() + mx.arange(n, dtype=mx.int32)
 
-    def turned(self, enc: dict, n: int) -> mx.array:
-        """R_t mu in the stored domain for the n tokens of enc: float32 (B or 1, H, n, d)."""
+    def turned(self, n: int) -> mx.array:
+        """R_t mu in the stored domain for the first n slots: float32 (B or 1, H, n, d)."""
         c = self.codec
-        return c.to_stored(turned(c, self.positions(enc, n)))
+        return c.to_stored(turned(c, self.positions(n)))
 
     def encode(self, x: mx.array) -> dict:
         c, n = self.codec, x.shape[2]
@@ -313,8 +347,6 @@ class AtPositions:
             if self.per_row:
                 raise ValueError("a batch's codec encodes one token per row at a time")
             out = c.encode_centred(x.astype(mx.float32) - turned(c, positions(self.start, n)))
-        if self.keep_positions:
-            out["pos"] = mx.broadcast_to(self._starts() + mx.arange(n, dtype=mx.int32), (x.shape[0], 1, n))
         return out
 
     def rotate_query(self, q: mx.array) -> mx.array:
@@ -325,7 +357,7 @@ class AtPositions:
 
     def decode_stored(self, enc: dict) -> mx.array:
         y = self.codec.decode_stored(enc)
-        return y + self.turned(enc, y.shape[2])
+        return y + self.turned(y.shape[2])
 
     def decode(self, enc: dict) -> mx.array:
         return self.codec.unrotate(self.decode_stored(enc))
@@ -340,7 +372,7 @@ class AtPositions:
         blk = self.codec.rope_block
         if self.span is not None:
             first, last, front = self.span
-        elif "pos" in enc:
+        elif self.ring is not None:
             raise ValueError("reading a ring's RoPE-centred codes needs the span of their positions")
         else:
             first, last, front = min(self.starts), max(self.starts) + n - 1, 0
@@ -350,16 +382,16 @@ class AtPositions:
         kept = getattr(self, "_query", None)
         q = kept[0] if kept is not None and kept[1] is q_rot else self.codec.unrotate_query(q_rot)
         term = _block_scores(self.codec, q, q_rot, fb, b0, b1)  # (B, H, M, fb + b1 - b0)
-        if fb == 0 and "pos" not in enc and not self.per_row:  # one row's slots in position order
+        if fb == 0 and self.ring is None and not self.per_row:  # one row's slots in position order
             off = self.start - b0 * blk
             return (term if blk == 1 else mx.repeat(term, blk, axis=-1))[..., off : off + n]
-        bi = self.positions(enc, n) // blk
+        bi = self.positions(n) // blk
         idx = mx.clip(mx.where(bi < fb, bi, bi - b0 + fb), 0, max(term.shape[-1] - 1, 0))[:, :, None]
         return mx.take_along_axis(term, mx.broadcast_to(idx, (*term.shape[:3], n)), axis=-1)
 
     def accumulate(self, p: mx.array, enc: dict) -> mx.array:
         """The keys as values (MLA's latent attention): sum_t p_t (y~_t + R_t mu) in the stored domain."""
-        return self.codec.accumulate(p, enc) + p @ self.turned(enc, p.shape[-1])
+        return self.codec.accumulate(p, enc) + p @ self.turned(p.shape[-1])
 
 
 def turned(codec, pos: mx.array) -> mx.array:
@@ -371,8 +403,8 @@ def turned(codec, pos: mx.array) -> mx.array:
     return turn_pairs(pairs[0], codec.n_heads, codec.rope_map, pos, codec.rope_block)
 
 
-def at(codec, start, keep_positions: bool = False, span=None):
+def at(codec, start, ring: RingSlots = None, span=None):
     """codec bound to positions from `start` (see AtPositions) when it is RoPE-centred, else codec itself."""
     if getattr(codec, "rope_map", None) is None:
         return codec
-    return AtPositions(codec, start, keep_positions, span)
+    return AtPositions(codec, start, ring, span)
