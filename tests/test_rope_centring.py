@@ -267,7 +267,7 @@ def test_a_saved_ring_whose_positions_disagree_with_its_layout_is_refused(tmp_pa
     arrays = dict(mx.load(path, return_metadata=True)[0])
     meta = mx.load(path, return_metadata=True)[1]
     n = cache.codes.length
-    good = cache.ring_slots(ordered=True).positions(n)
+    good = mx.array(cache.ring_slots(ordered=True).positions(n))
     for pos, ok in ((good, True), (good + 1, False)):  # a file from before RingSlots held each slot's position
         arrays = {k: v for k, v in arrays.items() if not k.endswith("codes_k_pos")}
         key = next(k for k in arrays if k.endswith("codes_k_norm0"))

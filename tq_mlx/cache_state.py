@@ -107,5 +107,5 @@ def _check_ring_positions(cache, saved: mx.array):
     puts them (the positions then follow from it and are not kept)."""
     ring = cache.ring_slots()
     n = saved.shape[2]
-    if ring is None or not mx.array_equal(saved, mx.broadcast_to(ring.positions(n), saved.shape)).item():
+    if ring is None or not mx.array_equal(saved, mx.broadcast_to(mx.array(ring.positions(n)), saved.shape)).item():
         raise CacheStateError("corrupt cache state: the ring's saved code positions do not follow its layout")

@@ -304,11 +304,11 @@ class RingSlots(NamedTuple):
         ]
         return np.array(rows, np.int32)
 
-    def positions(self, n: int) -> mx.array:
-        """The positions of slots 0 .. n - 1: int32 (B, 1, n), made on the host (no sync)."""
+    def positions(self, n: int) -> np.ndarray:
+        """The positions of slots 0 .. n - 1: int32 (B, 1, n), on the host."""
         keep, split, off, wrap = self.offsets().T[:, :, None]
         t = np.arange(n, dtype=np.int32)[None]
-        return mx.array(np.where(t < keep, t, t + off + np.where(t < split, wrap, 0)).astype(np.int32)[:, None])
+        return np.where(t < keep, t, t + off + np.where(t < split, wrap, 0)).astype(np.int32)[:, None]
 
 
 class AtPositions:
@@ -326,18 +326,16 @@ class AtPositions:
     def __getattr__(self, name):
         return getattr(self.codec, name)
 
-    def _starts(self) -> mx.array:
-        """start as int32 (1 or B, 1, 1)."""
-        return mx.array(self.starts, mx.int32)[:, None, None]
-
-    def positions(self, n: int) -> mx.array:
-        """The position of each of the first n slots: int32 (B or 1, 1, n)."""
-        return self.ring.positions(n) if self.ring is not None else self._starts() + mx.arange(n, dtype=mx.int32)
+    def positions(self, n: int) -> np.ndarray:
+        """The position of each of the first n slots: int32 (B or 1, 1, n), on the host (no sync)."""
+        if self.ring is not None:
+            return self.ring.positions(n)
+        return np.array(self.starts, np.int32)[:, None, None] + np.arange(n, dtype=np.int32)
 
     def turned(self, n: int) -> mx.array:
         """R_t mu in the stored domain for the first n slots: float32 (B or 1, H, n, d)."""
         c = self.codec
-        return c.to_stored(turned(c, self.positions(n)))
+        return c.to_stored(turned(c, mx.array(self.positions(n))))
 
     def encode(self, x: mx.array) -> dict:
         c, n = self.codec, x.shape[2]
@@ -385,8 +383,8 @@ class AtPositions:
         if fb == 0 and self.ring is None and not self.per_row:  # one row's slots in position order
             off = self.start - b0 * blk
             return (term if blk == 1 else mx.repeat(term, blk, axis=-1))[..., off : off + n]
-        bi = self.positions(n) // blk
-        idx = mx.clip(mx.where(bi < fb, bi, bi - b0 + fb), 0, max(term.shape[-1] - 1, 0))[:, :, None]
+        bi = self.positions(n) // blk  # each slot's column of term, on the host
+        idx = mx.array(np.clip(np.where(bi < fb, bi, bi - b0 + fb), 0, max(term.shape[-1] - 1, 0)))[:, :, None]
         return mx.take_along_axis(term, mx.broadcast_to(idx, (*term.shape[:3], n)), axis=-1)
 
     def accumulate(self, p: mx.array, enc: dict) -> mx.array:
