@@ -156,7 +156,7 @@ def ring_slots(batch):
     rows = batch.rows
     if not rows or rows[0].max_size is None or getattr(batch.codecs()[0], "rope_map", None) is None:
         return None
-    return RingSlots.of([(r.codes, r.sink.length + r.encoded) for r in rows])
+    return RingSlots.of([(r.codes, r.next_position) for r in rows])
 
 
 def code_span(batch):

@@ -60,7 +60,7 @@ def _code_positions(batch, code_slots) -> list:
     encoded before), counted as encoded; rows that send none get their next one (their codes go unread)."""
     out = []
     for r, slot in zip(batch.rows, code_slots):
-        out.append(r.sink.length + r.encoded)
+        out.append(r.next_position)
         r.encoded += slot is not None
     return out
 

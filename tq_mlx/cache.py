@@ -273,7 +273,7 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
         )
 
     def _encode(self, tokens: dict) -> dict:
-        start = self.sink.length + self.encoded  # the first token's position (RoPE-centred keys)
+        start = self.next_position  # the first token's position (RoPE-centred keys)
         self.encoded += tokens["k"].shape[2]
         kc = at(self.k_codec, start)
         enc = {f"k_{n}": a for n, a in kc.encode(tokens["k"]).items()}
@@ -431,10 +431,15 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
             out = [b._replace(v_codec=b.k_codec, v=b.k, is_fp=b.is_fp or b.k_codec is FP16) for b in out]
         return out
 
+    @property
+    def next_position(self) -> int:
+        """The position the next coded token takes (RoPE-centred keys): after the sinks and the tokens encoded."""
+        return self.sink.length + self.encoded
+
     def code_span(self):
         """(first, last, front): the codes hold positions first .. last (the sinks' count on), or a ring's
         `keep` first ones."""
-        last = self.sink.length + self.encoded - 1
+        last = self.next_position - 1
         return max(last + 1 - self.codes.length, 0), last, 0 if self._keeps_front else self.keep
 
     def ring_slots(self, ordered: bool = False):
@@ -442,7 +447,7 @@ class TurboQuantKVCache(HandsOut, _BaseCache):
         laid out as `codes.ordered()`); else None."""
         if not self._positional or self.max_size is None:
             return None
-        return RingSlots.of([(self.codes, self.sink.length + self.encoded)], ordered)
+        return RingSlots.of([(self.codes, self.next_position)], ordered)
 
     def linearize(self):
         """Put ring slots in temporal order (for a positional mask at decode)."""

@@ -208,13 +208,18 @@ def kernel_pairs(rmap: RopeMap, mu: mx.array):
     return ra, rp, pairs[1]
 
 
+def _pair_means(ra: mx.array, n_heads: int):
+    """a_i and a_p of kernel_pairs' ra (CH, NP, 2), CH = H or B * H, each as (1 or B, H, 1, NP)."""
+    ra = ra.reshape(-1, n_heads, 1, *ra.shape[-2:])
+    return ra[..., 0], ra[..., 1]
+
+
 def turn_pairs(ra: mx.array, n_heads: int, rmap: RopeMap, pos: mx.array, block: int = 1) -> mx.array:
     """R_c(t) mu from the mean in pairs (kernel_pairs' ra, (CH, NP, 2), CH = H or B * H) at positions pos
     (B or 1, 1, n) -> float32 (B, H, n, d): rotate_at without the mean itself (i-term a_i cos - a_p sin,
     p-term a_p cos + a_i sin)."""
     rp, rang, inv = tables(rmap).pairs
-    ra = ra.reshape(-1, n_heads, 1, *ra.shape[-2:])
-    ai, ap = ra[..., 0], ra[..., 1]  # (1 or B, H, 1, NP)
+    ai, ap = _pair_means(ra, n_heads)
     ph = centres(pos, block)[..., None] * rang  # (B, 1, n, NP)
     c, s = mx.cos(ph), mx.sin(ph)
     return mx.take(mx.concatenate([ai * c - ap * s, ap * c + ai * s], axis=-1), inv, axis=-1)
@@ -268,8 +273,7 @@ def _block_scores(codec, q: mx.array, q_rot: mx.array, fb: int, b0: int, b1: int
         table = c.to_stored(rotate_at(c.rope_map, c.rope_mean, mx.array(ids * blk)[None, None], blk))
         return q_rot @ mx.swapaxes(table, -1, -2)
     ra, rp, _ = c.kernel_pairs()
-    ra = ra.reshape(-1, c.n_heads, 1, *ra.shape[-2:])
-    ai, ap = ra[..., 0], ra[..., 1]  # (1 or B, H, 1, NP); a lone coordinate's B term meets sin(0) = 0
+    ai, ap = _pair_means(ra, n_heads=c.n_heads)  # a lone coordinate's B term meets sin(0) = 0
     qi, qp = mx.take(q, rp[:, 0], axis=-1), mx.take(q, rp[:, 1], axis=-1)  # (B, H, M, NP)
     ab = mx.concatenate([ai * qi + ap * qp, ai * qp - ap * qi], axis=-1)
     trig = _trig(tables(c.rope_map).pair_angles, blk, b1)

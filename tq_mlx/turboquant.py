@@ -239,8 +239,8 @@ class TurboQuant:
         self.mean = None if mean is None else mx.array(mean).astype(mx.float32)
         if rope is not None and mean is not None:
             raise ValueError("RoPE-aware centring replaces the static mean")
-        # RoPE-centred keys: the mean on the host (`rope_mu`, its own dtype: float16 when fitted, for decode steps
-        # that need no sync) and in pairs on the device (what the kernels and the reference path read)
+        # RoPE-centred keys: the mean on the host (`rope_mu`, float32: decode steps turn it there, with no sync)
+        # and in pairs on the device (what the kernels and the reference path read)
         self.rope_map, self.rope_block = (None, 1) if rope is None else (rope[0], int(rope[2]))
         self.rope_mu = None if rope is None else np.array(rope[1])
         self._pairs = None if rope is None else kernel_pairs(self.rope_map, rope[1])
